@@ -1,0 +1,38 @@
+"""Shared test helpers: real-tool gating, free ports, project paths."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require_tool(name: str) -> str:
+    """Return the path of system tool ``name``; skip without it, fail under CI."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (apt-get install ucspi-tcp daemontools xinetd ipsvd)"
+        if IN_CI:
+            pytest.fail(msg + "; CI must have it")
+        pytest.skip(msg)
+    return path
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago on ``host``."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def project_tool(name: str) -> str:
+    """Return the path of one of this project's installed commands."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not on PATH: install the project first (pip install -e '.[test]')")
+    return path

@@ -1,0 +1,120 @@
+"""Run an action: execve, argv = [path, address], clean environment, dropped privileges.
+
+:func:`spawn` detaches a runner (double fork, new session) so the handler can
+exit at once; the runner starts the action, copies its output to the log line
+by line, logs its exit status, and, for an action with an UNDO, sleeps the
+delay and runs the undo the same way.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from . import log as logmod
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ActionRefused(Exception):
+    """The action may not run (unsafe file, cannot switch user)."""
+
+
+def resolve_ids(uid: int | None, gid: int | None) -> tuple[int, int]:
+    """Return the (uid, gid) to run as: unset ids mean nobody as root, ourselves otherwise."""
+    if os.getuid() == 0:
+        if uid is None or gid is None:
+            import pwd
+            try:
+                nobody = pwd.getpwnam("nobody")
+            except KeyError:
+                raise ActionRefused("no user 'nobody' to run actions as: set DEFAULT_UID") from None
+            uid = nobody.pw_uid if uid is None else uid
+            gid = nobody.pw_gid if gid is None else gid
+        return uid, gid
+    me, mygid = os.getuid(), os.getgid()
+    if (uid is not None and uid != me) or (gid is not None and gid != mygid):
+        raise ActionRefused(f"only root can run actions as uid {uid} gid {gid}")
+    return me, mygid
+
+
+def check_file(path: str, uid: int) -> None:
+    """Refuse an action file that others could change into something else.
+
+    World-writable files and directories are always refused; an action that
+    runs as root must be root's and writable by root alone, directory included.
+    """
+    for p in (path, os.path.dirname(path)):
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise ActionRefused(f"{p}: {e.strerror}") from None
+        if st.st_mode & stat.S_IWOTH and not (p != path and st.st_mode & stat.S_ISVTX):
+            raise ActionRefused(f"{p} is world-writable")
+        if uid == 0 and (st.st_uid != 0 or st.st_mode & stat.S_IWGRP
+                         or (st.st_mode & stat.S_IWOTH)):
+            raise ActionRefused(f"{p} is writable by someone other than root, and the action runs as root")
+    if not os.access(path, os.X_OK):
+        raise ActionRefused(f"{path} is not executable")
+
+
+def run(path: str, ip: str, uid: int, gid: int, log: logmod.Log) -> int:
+    """Run ``path ip`` as uid/gid, logging its output; return its wait status."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(wfd, 1)
+            os.dup2(wfd, 2)
+            os.closerange(3, 256)
+            if os.getuid() == 0:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            os.execve(path, [path, ip], {"PATH": SAFE_PATH})
+        except OSError as e:
+            os.write(2, f"unable to run: {e.strerror}\n".encode())
+        finally:
+            os._exit(127)
+    os.close(wfd)
+    with open(rfd, "rb") as out:
+        for line in out:
+            log(logmod.INFO, f"{ip} {path}: {line.rstrip().decode(errors='replace')}")
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def describe(status: int) -> str:
+    """Return 'exit N' or 'killed by signal N' for a wait status."""
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def run_logged(path: str, ip: str, uid: int, gid: int, log: logmod.Log, what: str) -> None:
+    """Run one command and log how it ended."""
+    status = run(path, ip, uid, gid, log)
+    level = logmod.NOTICE if status == 0 else logmod.ERR
+    log(level, f"{ip} {what} {path} finished: {describe(status)}")
+
+
+def spawn(jobs: list[tuple[str, str, int]], ip: str, uid: int, gid: int,
+          log: logmod.Log) -> None:
+    """Run ``jobs`` [(what, path, delay_before)] in a detached runner, in order."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            for what, path, delay in jobs:
+                if delay:
+                    time.sleep(delay)
+                run_logged(path, ip, uid, gid, log, what)
+    except BaseException as e:  # the runner must never fall back into the handler
+        log(logmod.ERR, f"{ip} action runner failed: {e}")
+    finally:
+        os._exit(0)

@@ -1,0 +1,146 @@
+"""Lockout policy on top of the store: strikes, locks and the stopped state.
+
+An address's record is ``strikes errors locked_since last_seen`` (decimal,
+seconds since the epoch; ``locked_since`` 0 = not locked). ``strikes`` counts
+toward MAX_BAD_CONNS and a success clears it; ``errors`` counts toward
+MAX_SINGLE_ERRS and only an operator clears it. ``!errors`` holds the total
+for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once KILL or an error
+threshold stopped the service. IPv6 addresses are counted per prefix.
+"""
+from __future__ import annotations
+
+from .store import Store, StoreCorrupt, Transaction, View
+
+STOPPED = b"!stopped"
+ERRORS = b"!errors"
+GRACE = 5  # seconds past COMM_TIMEOUT after which an unconfirmed charge is final
+
+
+class Entry:
+    """One address's (or IPv6 prefix's) record."""
+
+    __slots__ = ("strikes", "errors", "locked_since", "last_seen")
+
+    def __init__(self, raw: bytes | None = None) -> None:
+        if raw is None:
+            self.strikes = self.errors = self.locked_since = self.last_seen = 0
+            return
+        parts = raw.split(b" ")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise StoreCorrupt(f"lockout record does not parse: {raw[:60]!r}")
+        self.strikes, self.errors, self.locked_since, self.last_seen = map(int, parts)
+
+    def encode(self) -> bytes:
+        """Return the record's stored form."""
+        return b"%d %d %d %d" % (self.strikes, self.errors, self.locked_since, self.last_seen)
+
+
+def address_key(ip: str, v6_prefix: int = 64) -> bytes:
+    """Return the store key for ``ip``: the IPv4 address, or the IPv6 prefix.
+
+    Raises ValueError for anything that is not an IP address.
+    """
+    if ip.count(".") == 3 and ":" not in ip:
+        parts = ip.split(".")
+        if all(p.isdigit() and p.isascii() and len(p) <= 3 and int(p) < 256 for p in parts):
+            return ".".join(str(int(p)) for p in parts).encode()
+        raise ValueError(f"not an IP address: {ip!r}")
+    from _socket import AF_INET6, inet_ntop, inet_pton  # the C core; socket.py costs an enum import
+
+    try:
+        packed = inet_pton(AF_INET6, ip.split("%", 1)[0])
+    except (OSError, ValueError):
+        raise ValueError(f"not an IP address: {ip!r}") from None
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return ".".join(str(b) for b in packed[12:]).encode()
+    n = int.from_bytes(packed, "big") >> (128 - v6_prefix) << (128 - v6_prefix)
+    return b"%s/%d" % (inet_ntop(AF_INET6, n.to_bytes(16, "big")).encode(), v6_prefix)
+
+
+def refusal(view: View | Transaction | None, key: bytes, max_bad: int) -> str | None:
+    """Return why ``key`` must be closed at once (stopped, locked), or None."""
+    if view is None:
+        return None
+    stopped = view.get(STOPPED)
+    if stopped is not None:
+        return "service stopped: " + stopped.partition(b" ")[2].decode(errors="replace")
+    entry = Entry(view.get(key))
+    if entry.locked_since or entry.strikes >= max_bad:
+        return "locked out"
+    return None
+
+
+def stop(tx: Transaction, now: int, reason: str) -> None:
+    """Put the service in the stopped state (idempotent: the first reason stays)."""
+    if tx.get(STOPPED) is None:
+        tx.put(STOPPED, b"%d %s" % (now, reason.encode()))
+
+
+def charge(store: Store, key: bytes, cfg, now: int) -> str | None:
+    """Charge one attempt to ``key`` before any salt is sent.
+
+    Returns why the connection must be refused instead, or None if charged.
+    """
+    with store.lock() as tx:
+        why = refusal(tx, key, cfg.max_bad_conns)
+        if why is not None:
+            return why
+        raw = tx.get(key)
+        entry = Entry(raw)
+        if now - entry.last_seen > cfg.strike_expire:
+            entry.strikes = 0
+        if raw is None and cfg.exit_on_ipcache_full:
+            tracked = sum(1 for k in tx.items() if not k.startswith(b"!"))
+            if tracked >= cfg.ipcache_size:
+                stop(tx, now, f"address table full ({tracked} addresses, EXIT_ON_IPCACHE_FULL)")
+                return "service stopped: address table full"
+        entry.strikes += 1
+        entry.errors += 1
+        entry.last_seen = now
+        tx.put(key, entry.encode())
+        tx.put(ERRORS, b"%d" % (int(tx.get(ERRORS) or b"0") + 1))
+    return None
+
+
+def succeed(store: Store, key: bytes) -> None:
+    """Refund the charge of a proven passphrase and clear the address's strikes."""
+    with store.lock() as tx:
+        entry = Entry(tx.get(key))
+        entry.strikes = 0
+        entry.errors = max(0, entry.errors - 1)
+        tx.put(key, entry.encode() if entry.errors else None)
+        tx.put(ERRORS, b"%d" % max(0, int(tx.get(ERRORS) or b"0") - 1))
+
+
+def fail(store: Store, key: bytes, cfg, now: int) -> tuple[bool, str | None]:
+    """Make a failed attempt's charge final.
+
+    Returns (became_locked, stop_reason): ``became_locked`` is True exactly once
+    per lock, so LOCKOUT_ACTION runs once; ``stop_reason`` names a threshold
+    this failure passed (the service is then stopped).
+    """
+    with store.lock() as tx:
+        entry = Entry(tx.get(key))
+        locked = False
+        if entry.strikes >= cfg.max_bad_conns and not entry.locked_since:
+            entry.locked_since = now
+            tx.put(key, entry.encode())
+            locked = True
+        reason = None
+        total = int(tx.get(ERRORS) or b"0")
+        if cfg.max_single_errs and entry.errors > cfg.max_single_errs:
+            reason = f"{key.decode()} passed MAX_SINGLE_ERRS ({entry.errors} errors)"
+        elif cfg.max_total_errs and total > cfg.max_total_errs:
+            reason = f"all addresses passed MAX_TOTAL_ERRS ({total} errors)"
+        if reason is not None:
+            stop(tx, now, reason)
+    return locked, reason
+
+
+def stale_charge(view: View | None, key: bytes, cfg, now: int) -> bool:
+    """True when ``key`` is at its limit through a charge whose handler died unconfirmed."""
+    if view is None:
+        return False
+    entry = Entry(view.get(key))
+    return (not entry.locked_since and entry.strikes >= cfg.max_bad_conns
+            and now - entry.last_seen > cfg.comm_timeout + GRACE)

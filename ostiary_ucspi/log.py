@@ -1,0 +1,64 @@
+"""One line per event: on stderr for multilog, or to syslog when stderr is the socket.
+
+Lines read ``prog: level: text``; no timestamps (multilog adds them). Under
+inetd descriptor 2 is the client's connection, so :func:`open_log` notices a
+socket there and sends everything to syslog (LOG_AUTH) instead.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+NAMES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
+ALERT, FATAL, ERR, WARNING, NOTICE, INFO, DEBUG = 1, 2, 3, 4, 5, 6, 7
+
+
+def stderr_is_socket() -> bool:
+    """True when descriptor 2 is a socket (inetd, xinetd) or closed."""
+    try:
+        return stat.S_ISSOCK(os.fstat(2).st_mode)
+    except OSError:
+        return True
+
+
+class Log:
+    """Write events at or above a syslog threshold."""
+
+    def __init__(self, prog: str, level: int = NOTICE, use_syslog: bool = False) -> None:
+        self.prog = prog
+        self.level = level
+        self.syslog = None
+        if use_syslog:
+            import syslog
+            syslog.openlog(prog, syslog.LOG_PID, syslog.LOG_AUTH)
+            self.syslog = syslog
+
+    def __call__(self, level: int, text: str) -> None:
+        """Log ``text`` at syslog ``level`` (FATAL, ERR, ..., DEBUG)."""
+        if level > self.level and level != FATAL:
+            return
+        text = text.replace("\n", " ")
+        if self.syslog is not None:
+            self.syslog.syslog(level, text)
+            return
+        name = "fatal" if level == FATAL else NAMES[level]
+        try:
+            os.write(2, f"{self.prog}: {name}: {text}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+
+def open_log(prog: str, level: int = NOTICE) -> Log:
+    """Return a Log for ``prog``: stderr normally, syslog when stderr is a socket."""
+    return Log(prog, level, use_syslog=stderr_is_socket())
+
+
+def die(log: Log, text: str, code: int = 111) -> NoReturn:
+    """Log ``text`` as fatal and exit with ``code``."""
+    log(FATAL, text)
+    sys.exit(code)

@@ -13,8 +13,6 @@ Extensions to Ostiary 4.0 (all optional):
 ``IPV6_PREFIX=bits``            IPv6 strikes are counted per prefix (default 64)
 ``IPCACHE_SIZE=n``              tracked addresses before EXIT_ON_IPCACHE_FULL trips (128)
 """
-from __future__ import annotations
-
 import os
 
 DEFAULT_PATH = "/etc/ostiary.cfg"

@@ -8,8 +8,6 @@ The client gets the 32-byte salt and nothing else, ever. Exit status: 0 the
 connection was handled (whatever the client proved), 100 usage, 111 a
 configuration, address or lockout-store problem (the client got nothing).
 """
-from __future__ import annotations
-
 import os
 import sys
 import time

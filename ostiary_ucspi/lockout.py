@@ -7,8 +7,6 @@ MAX_SINGLE_ERRS and only an operator clears it. ``!errors`` holds the total
 for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once KILL or an error
 threshold stopped the service. IPv6 addresses are counted per prefix.
 """
-from __future__ import annotations
-
 from .store import Store, StoreCorrupt, Transaction, View
 
 STOPPED = b"!stopped"

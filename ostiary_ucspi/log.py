@@ -4,15 +4,8 @@ Lines read ``prog: level: text``; no timestamps (multilog adds them). Under
 inetd descriptor 2 is the client's connection, so :func:`open_log` notices a
 socket there and sends everything to syslog (LOG_AUTH) instead.
 """
-from __future__ import annotations
-
 import os
 import stat
-import sys
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import NoReturn
 
 NAMES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
 ALERT, FATAL, ERR, WARNING, NOTICE, INFO, DEBUG = 1, 2, 3, 4, 5, 6, 7
@@ -57,8 +50,3 @@ def open_log(prog: str, level: int = NOTICE) -> Log:
     """Return a Log for ``prog``: stderr normally, syslog when stderr is a socket."""
     return Log(prog, level, use_syslog=stderr_is_socket())
 
-
-def die(log: Log, text: str, code: int = 111) -> NoReturn:
-    """Log ``text`` as fatal and exit with ``code``."""
-    log(FATAL, text)
-    sys.exit(code)

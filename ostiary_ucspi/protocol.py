@@ -2,8 +2,6 @@
 
 Pure functions only; the handler and the client do the I/O.
 """
-from __future__ import annotations
-
 import hashlib
 import hmac
 import os

@@ -1,7 +1,7 @@
 """Run an action: execve, argv = [path, address], clean environment, dropped privileges.
 
-:func:`spawn` detaches a runner (double fork, new session) so the handler can
-exit at once; the runner starts the action, copies its output to the log line
+:func:`spawn` forks a runner in a new session and does not wait for it, so the
+handler can exit at once; the runner starts the action, copies its output to the log line
 by line, logs its exit status, and, for an action with an UNDO, sleeps the
 delay and runs the undo the same way.
 """
@@ -102,18 +102,19 @@ def run_logged(path: str, ip: str, uid: int, gid: int, log: logmod.Log, what: st
 
 def spawn(jobs: list[tuple[str, str, int]], ip: str, uid: int, gid: int,
           log: logmod.Log) -> None:
-    """Run ``jobs`` [(what, path, delay_before)] in a detached runner, in order."""
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)
+    """Run ``jobs`` [(what, path, delay_before)] in order, in a runner of its own.
+
+    The runner is a forked child in a new session; the handler does not wait for
+    it and exits, so init adopts it and a long action holds no server slot.
+    """
+    if os.fork():
         return
     try:
         os.setsid()
-        if os.fork() == 0:
-            for what, path, delay in jobs:
-                if delay:
-                    time.sleep(delay)
-                run_logged(path, ip, uid, gid, log, what)
+        for what, path, delay in jobs:
+            if delay:
+                time.sleep(delay)
+            run_logged(path, ip, uid, gid, log, what)
     except BaseException as e:  # the runner must never fall back into the handler
         log(logmod.ERR, f"{ip} action runner failed: {e}")
     finally:

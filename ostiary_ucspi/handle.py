@@ -211,8 +211,8 @@ def finish_failure(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.L
         svc_down(log)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ostiary-handle."""
+def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
+    """Entry point of ostiary-handle; ``inetd``: descriptor 2 was the client's socket."""
     argv = sys.argv if argv is None else argv
     try:
         path, check = parse_args(argv)
@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if check:
         from .check import check_main
         return check_main(path)
-    inetd = logmod.stderr_is_socket()
+    if inetd is None:
+        inetd = logmod.stderr_is_socket()
     log = logmod.Log("ostiary-handle", use_syslog=inetd)
     try:
         cfg = load(path)
@@ -234,4 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     from _signal import alarm
 
     alarm(cfg.comm_timeout + cfg.delay + 30)  # a backstop: nothing may hang the handler
-    return serve(cfg, log, inetd)
+    try:
+        return serve(cfg, log, inetd)
+    except Exception as e:  # one log line, and never a traceback on an inetd socket
+        hangup(inetd)
+        log(logmod.FATAL, f"internal error: {type(e).__name__}: {e}")
+        return 111

@@ -24,13 +24,17 @@ class Entry:
             self.strikes = self.errors = self.locked_since = self.last_seen = 0
             return
         parts = raw.split(b" ")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        if len(parts) != 4 or not all(parts) or not raw.replace(b" ", b"").isdigit():
             raise StoreCorrupt(f"lockout record does not parse: {raw[:60]!r}")
         self.strikes, self.errors, self.locked_since, self.last_seen = map(int, parts)
 
     def encode(self) -> bytes:
         """Return the record's stored form."""
         return b"%d %d %d %d" % (self.strikes, self.errors, self.locked_since, self.last_seen)
+
+    def locked_out(self, max_bad: int) -> bool:
+        """True when connections from this address are closed at once."""
+        return bool(self.locked_since) or self.strikes >= max_bad
 
 
 def address_key(ip: str, v6_prefix: int = 64) -> bytes:
@@ -62,8 +66,7 @@ def refusal(view: View | Transaction | None, key: bytes, max_bad: int) -> str | 
     stopped = view.get(STOPPED)
     if stopped is not None:
         return "service stopped: " + stopped.partition(b" ")[2].decode(errors="replace")
-    entry = Entry(view.get(key))
-    if entry.locked_since or entry.strikes >= max_bad:
+    if Entry(view.get(key)).locked_out(max_bad):
         return "locked out"
     return None
 
@@ -74,15 +77,16 @@ def stop(tx: Transaction, now: int, reason: str) -> None:
         tx.put(STOPPED, b"%d %s" % (now, reason.encode()))
 
 
-def charge(store: Store, key: bytes, cfg, now: int) -> str | None:
+def charge(store: Store, key: bytes, cfg, now: int) -> tuple[str | None, str | None]:
     """Charge one attempt to ``key`` before any salt is sent.
 
-    Returns why the connection must be refused instead, or None if charged.
+    Returns (why the connection must be refused instead, None if charged;
+    why this very charge stopped the service, None if it did not).
     """
     with store.lock() as tx:
         why = refusal(tx, key, cfg.max_bad_conns)
         if why is not None:
-            return why
+            return why, None
         raw = tx.get(key)
         entry = Entry(raw)
         if now - entry.last_seen > cfg.strike_expire:
@@ -90,14 +94,15 @@ def charge(store: Store, key: bytes, cfg, now: int) -> str | None:
         if raw is None and cfg.exit_on_ipcache_full:
             tracked = sum(1 for k in tx.items() if not k.startswith(b"!"))
             if tracked >= cfg.ipcache_size:
-                stop(tx, now, f"address table full ({tracked} addresses, EXIT_ON_IPCACHE_FULL)")
-                return "service stopped: address table full"
+                reason = f"address table full ({tracked} addresses, EXIT_ON_IPCACHE_FULL)"
+                stop(tx, now, reason)
+                return "service stopped: " + reason, reason
         entry.strikes += 1
         entry.errors += 1
         entry.last_seen = now
         tx.put(key, entry.encode())
         tx.put(ERRORS, b"%d" % (int(tx.get(ERRORS) or b"0") + 1))
-    return None
+    return None, None
 
 
 def succeed(store: Store, key: bytes) -> None:
@@ -142,3 +147,62 @@ def stale_charge(view: View | None, key: bytes, cfg, now: int) -> bool:
     entry = Entry(view.get(key))
     return (not entry.locked_since and entry.strikes >= cfg.max_bad_conns
             and now - entry.last_seen > cfg.comm_timeout + GRACE)
+
+
+def keeper(cfg, now: int):
+    """Return the compaction predicate ``keep(key, value)`` for the config's expiry.
+
+    Strikes of an address never locked expire STRIKE_EXPIRE seconds after it
+    was last seen; a lock expires LOCKOUT_EXPIRE seconds after it began (0:
+    never); ``!`` records (the stopped state, the error total) stay.
+    """
+    def keep(key: bytes, value: bytes) -> bool:
+        if key.startswith(b"!"):
+            return True
+        entry = Entry(value)
+        if entry.locked_since:
+            return not cfg.lockout_expire or now - entry.locked_since < cfg.lockout_expire
+        return now - entry.last_seen <= cfg.strike_expire
+    return keep
+
+
+def unlock(store: Store, key: bytes) -> Entry | None:
+    """Forget ``key`` (strikes, errors, lock); return its record, None if it had none."""
+    with store.lock() as tx:
+        raw = tx.get(key)
+        if raw is not None:
+            tx.put(key, None)
+    return None if raw is None else Entry(raw)
+
+
+def lock(store: Store, key: bytes, now: int) -> int:
+    """Lock ``key`` out from ``now`` on; if it was locked already, return since when (else 0)."""
+    with store.lock() as tx:
+        entry = Entry(tx.get(key))
+        if entry.locked_since:
+            return entry.locked_since
+        entry.locked_since = now
+        tx.put(key, entry.encode())
+    return 0
+
+
+def revive(store: Store, cfg) -> bytes | None:
+    """Leave the stopped state; return it (``since reason``), None if not stopped.
+
+    The error total, and the errors of addresses past MAX_SINGLE_ERRS, start
+    again from 0, or the next error would stop the service again.
+    """
+    with store.lock() as tx:
+        stopped = tx.get(STOPPED)
+        if stopped is None:
+            return None
+        tx.put(STOPPED, None)
+        tx.put(ERRORS, None)
+        if cfg.max_single_errs:
+            for key, raw in tx.items().items():
+                if not key.startswith(b"!"):
+                    entry = Entry(raw)
+                    if entry.errors > cfg.max_single_errs:
+                        entry.errors = 0
+                        tx.put(key, entry.encode())
+    return stopped

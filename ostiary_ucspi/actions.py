@@ -38,21 +38,50 @@ def resolve_ids(uid: int | None, gid: int | None) -> tuple[int, int]:
     return me, mygid
 
 
+def lookup_chain(path: str) -> list[str]:
+    """Every directory the kernel walks through to reach ``path``, symlinks followed, then the file."""
+    chain, cur, parts, hops = ["/"], "/", path.split("/"), 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt):
+            hops += 1
+            if hops > 40:
+                raise ActionRefused(f"{path}: too many levels of symbolic links")
+            target = os.readlink(nxt)
+            parts = target.split("/") + parts
+            cur = "/" if target.startswith("/") else cur
+            continue
+        cur = nxt
+        chain.append(cur)
+    return chain
+
+
 def check_file(path: str, uid: int) -> None:
     """Refuse an action file that others could change into something else.
 
-    World-writable files and directories are always refused; an action that
-    runs as root must be root's and writable by root alone, directory included.
+    The file and every directory on the way to it (through any symlink) are
+    checked, since whoever can rename one of them can swap the file. None may
+    be world-writable (a sticky directory may); for an action that runs as
+    root each must be root's and writable by root alone (a sticky directory
+    of root's excepted).
     """
-    for p in (path, os.path.dirname(path)):
+    chain = lookup_chain(path)
+    for p in chain:
         try:
             st = os.stat(p)
         except OSError as e:
             raise ActionRefused(f"{p}: {e.strerror}") from None
-        if st.st_mode & stat.S_IWOTH and not (p != path and st.st_mode & stat.S_ISVTX):
+        sticky = p != chain[-1] and st.st_mode & stat.S_ISVTX
+        if st.st_mode & stat.S_IWOTH and not sticky:
             raise ActionRefused(f"{p} is world-writable")
-        if uid == 0 and (st.st_uid != 0 or st.st_mode & stat.S_IWGRP
-                         or (st.st_mode & stat.S_IWOTH)):
+        shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky
+        if uid == 0 and (st.st_uid != 0 or shared):
             raise ActionRefused(f"{p} is writable by someone other than root, and the action runs as root")
     if not os.access(path, os.X_OK):
         raise ActionRefused(f"{path} is not executable")
@@ -68,7 +97,10 @@ def run(path: str, ip: str, uid: int, gid: int, log: logmod.Log) -> int:
             os.dup2(null, 0)
             os.dup2(wfd, 1)
             os.dup2(wfd, 2)
-            os.closerange(3, 256)
+            os.closerange(3, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))  # however high inherited
+            from _signal import SIG_DFL, SIGPIPE, SIGXFSZ, signal
+            signal(SIGPIPE, SIG_DFL)  # Python ignores these; execve would pass that on
+            signal(SIGXFSZ, SIG_DFL)
             if os.getuid() == 0:
                 os.setgroups([])
                 os.setgid(gid)

@@ -21,10 +21,8 @@ def problems(cfg: Config) -> tuple[list[str], list[str]]:
     errors: list[str] = []
     warnings: list[str] = []
     name = os.path.basename(cfg.path)
-    st = os.stat(cfg.path)
-    if st.st_mode & stat.S_IWOTH:
-        errors.append(f"{name} is world-writable")
-    elif st.st_mode & (stat.S_IROTH | stat.S_IRGRP):
+    st = os.stat(cfg.path)  # load() refused a world-writable one
+    if st.st_mode & (stat.S_IROTH | stat.S_IRGRP):
         warnings.append(f"{name} is readable by others (chmod 600): it holds the passphrases")
     if len(cfg.kill) < MIN_SECRET:
         warnings.append(f"KILL passphrase is shorter than {MIN_SECRET} characters")

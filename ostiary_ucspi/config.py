@@ -26,6 +26,7 @@ LOG_LEVELS = {
 LISTENER_KEYS = ("PORT", "LOCAL_IP", "SKIP_DETACH", "IGNORE_URANDOM", "PIDFILE")
 FLAG_KEYS = ("EXIT_ON_IPCACHE_FULL", "SKIP_DETACH", "IGNORE_URANDOM")
 UNDO_MAX = 7 * 86400
+ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to setresuid
 
 
 class ConfigError(Exception):
@@ -142,6 +143,8 @@ def to_int(value: str, where: str, key: str, low: int, high: int | None = None) 
     v = value.strip().strip('"')
     if not v.isdigit() or not v.isascii():
         raise ConfigError(f"{where}: {key} must be a whole number, not {value!r}")
+    if len(v) > 18:  # int() refuses over 4300 digits; nothing here needs 19
+        raise ConfigError(f"{where}: {key} is too large: {v[:20]}...")
     n = int(v)
     if n < low or (high is not None and n > high):
         top = "" if high is None else f" and {high}"
@@ -152,6 +155,8 @@ def to_int(value: str, where: str, key: str, low: int, high: int | None = None) 
 def to_id(value: str, where: str, kind: str) -> int:
     """Resolve a uid or gid given as a number or a name."""
     if value.isdigit() and value.isascii():
+        if len(value) > 10 or int(value) > ID_MAX:
+            raise ConfigError(f"{where}: {kind} out of range (0 to {ID_MAX}): {value[:20]}")
         return int(value)
     try:
         if kind == "uid":
@@ -172,7 +177,7 @@ def parse_action(key: str, value: str, where: str, line: int) -> Action:
     if not quoted:
         raise ConfigError(f"{where}: {key} passphrase must be a quoted string")
     if not command.startswith("/"):
-        raise ConfigError(f"{where}: {key} command must be an absolute path: {command!r}")
+        raise ConfigError(f"{where}: {key} command must be an absolute path")  # may be a secret
     if "\0" in command or "\n" in command:
         raise ConfigError(f"{where}: {key} command contains a control character")
     uid = to_id(fields[2][0], where, "uid") if len(fields) > 2 and fields[2][0] else None
@@ -181,17 +186,21 @@ def parse_action(key: str, value: str, where: str, line: int) -> Action:
 
 
 def load(path: str) -> Config:
-    """Read and validate ``path``; raise ConfigError on any problem."""
+    """Read and validate ``path``; raise ConfigError on any problem (world-writable included)."""
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
+            world_writable = os.fstat(f.fileno()).st_mode & 0o002
             raw = f.read()
     except OSError as e:
         raise ConfigError(f"{name}: unable to read: {e.strerror}") from None
+    if world_writable:
+        raise ConfigError(f"{name}: anyone may write to it (chmod 600): refusing it")
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{name}: not valid UTF-8") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{name}:{line}: not valid UTF-8") from None
     return parse(text, path)
 
 
@@ -216,7 +225,7 @@ def parse(text: str, path: str) -> Config:
             if key in FLAG_KEYS:
                 value = "1"
             else:
-                raise ConfigError(f"{where}: expected KEY=value, not {key!r}")
+                raise ConfigError(f"{where}: expected KEY=value")  # the text may be a secret
         if key in seen and key not in ("ACTION", "UNDO"):
             raise ConfigError(f"{where}: {key} already set on line {seen[key]}")
         seen[key] = lineno

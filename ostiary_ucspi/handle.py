@@ -14,7 +14,7 @@ import time
 
 from . import log as logmod
 from .config import DEFAULT_PATH, Config, ConfigError, load
-from .lockout import address_key, charge, fail, refusal, stale_charge, stop, succeed
+from .lockout import address_key, charge, fail, keeper, refusal, stale_charge, stop, succeed
 from .store import Store, StoreCorrupt, StoreError
 
 USAGE = "usage: ostiary-handle [-c FILE] [--check]"
@@ -114,7 +114,7 @@ def svc_down(log: logmod.Log) -> None:
             os._exit(127)
     _, status = os.waitpid(pid, 0)
     if status:
-        log(logmod.ERR, f"svc -d {service} failed with status {status}")
+        log(logmod.ERR, f"svc -d {service} failed: exit {os.waitstatus_to_exitcode(status)}")
     else:
         log(logmod.NOTICE, f"svc -d {service}: service taken down")
 
@@ -151,18 +151,12 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         hangup(inetd)
         log(logmod.ERR, f"{e}: closed")
         return 111
-    ip = ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
-    store = Store(cfg.lockout_db)
+    if ":" in ip and b":" not in key:
+        ip = key.decode()  # IPv4-mapped IPv6: actions and logs get the dotted quad
     now = int(time.time())
+    store = Store(cfg.lockout_db, keep=keeper(cfg, now))
     try:
-        view = store.view()
-        why = refusal(view, key, cfg.max_bad_conns) or charge(store, key, cfg, now)
-        if why:
-            hangup(inetd)
-            log(logmod.INFO, f"{ip} closed at once: {why}")
-            if stale_charge(view, key, cfg, now):
-                finish_failure(cfg, store, key, ip, log, "its last attempt never finished")
-            return 0
+        return knock(cfg, store, key, ip, log, inetd, now)
     except StoreCorrupt as e:
         hangup(inetd)
         log(logmod.ALERT,
@@ -172,6 +166,28 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         hangup(inetd)
         log(logmod.FATAL, f"{ip} refused: lockout store: {e}")
         return 111
+
+
+def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd: bool,
+          now: int) -> int:
+    """Refuse, or charge, send the salt, judge the response and act on it.
+
+    Store errors propagate: whatever has not happened yet (an action
+    included) does not happen.
+    """
+    view = store.view()
+    why, stopped_now = refusal(view, key, cfg.max_bad_conns), None
+    if not why:
+        why, stopped_now = charge(store, key, cfg, now)
+    if why:
+        hangup(inetd)
+        log(logmod.INFO, f"{ip} closed at once: {why}")
+        if stopped_now:
+            log(logmod.ALERT, f"service stopped: {stopped_now}")
+            svc_down(log)
+        if stale_charge(view, key, cfg, now):
+            finish_failure(cfg, store, key, ip, log, "its last attempt never finished")
+        return 0
 
     from .protocol import match, new_salt
 
@@ -184,11 +200,13 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
     if found < 0:
         finish_failure(cfg, store, key, ip, log, problem or "wrong response")
     elif found == 0:
-        succeed(store, key)
-        with store.lock() as tx:
-            stop(tx, now, f"KILL from {ip}")
-        log(logmod.NOTICE, f"{ip} proved KILL: service stopped until 'ostiary-lockout revive'")
-        svc_down(log)
+        log(logmod.ALERT, f"{ip} proved KILL: service stopped until 'ostiary-lockout revive'")
+        try:
+            succeed(store, key)
+            with store.lock() as tx:
+                stop(tx, now, f"KILL from {ip}")
+        finally:  # even when the store cannot record it, supervise can stop the service
+            svc_down(log)
     else:
         succeed(store, key)
         start(cfg, cfg.actions[found - 1], f"action {found}", ip, log)

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Connections per second through ostiary-tcpserver against real tcpserver, in one run.
+
+Both servers run with ``-HRl0 -c LIMIT`` on 127.0.0.1 and the same program;
+the runs alternate real, shim, real, shim... so machine drift hits both
+alike. One run: start the server, warm it up, then keep CONCURRENCY client
+connections in flight until CONNS have been served; the time runs from the
+first connect until the last connection is closed *and* the server's last
+child has exited (a handler may go on working after it hangs up). The
+server's own CPU time (parent only) and its children's are read from /proc.
+
+Programs (--program):
+  handle  ostiary-handle with a throw-away config (DELAY=0, ACTION /bin/true):
+          the client reads the salt and sends the right response (production path)
+  true    /bin/true: the server's own cost per connection
+  python  python3 -S -c pass: a small Python program
+  or any command after ``--``, e.g. ``bench/shim.py -- /bin/cat /etc/hostname``
+
+Prints, per server, the median connections/second and milliseconds per
+connection, CPU per connection (parent; children), and the ratio shim/real
+of the medians. Goal with ``handle``: ratio >= 0.9.
+
+Usage: python3 bench/shim.py [--program handle|true|python] [--conns N]
+       [--rounds R] [-c LIMIT] [--concurrency K] [-- command ...]
+Needs only the standard library, tcpserver (ucspi-tcp) and this project installed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+SECRET = b"bench-passphrase-0123456789"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tool(name: str) -> str:
+    """This interpreter's copy of a project command (not a version manager's shim)."""
+    path = os.path.join(sysconfig.get_path("scripts"), name)
+    found = path if os.path.exists(path) else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"bench: {name} not found (pip install -e .; apt-get install ucspi-tcp)")
+    return found
+
+
+def handle_config(work: str) -> str:
+    """Write an ostiary.cfg for the benchmark; return its path."""
+    cfg = os.path.join(work, "ostiary.cfg")
+    with open(cfg, "w") as f:
+        f.write(f'KILL="bench-kill-passphrase-0123"\nACTION="{SECRET.decode()}","/bin/true"\n'
+                f"LOCKOUT_DB={work}/lockout.cdb\nDELAY=0\nMAX_BAD_CONNS=100000\n"
+                "MIN_LOGLEVEL=LOG_ERR\n")
+    return cfg
+
+
+def children(pid: int) -> list[int]:
+    """Pids of ``pid``'s children."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            found.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return found
+
+
+def cpu(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / TICK, (cutime + cstime) / TICK
+
+
+def load(port: int, total: int, concurrency: int, respond: bool) -> None:
+    """Serve ``total`` connections, ``concurrency`` at a time; fail on any error."""
+    sel = selectors.DefaultSelector()
+    started = finished = 0
+    while finished < total:
+        while started < total and started - finished < concurrency:
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_READ, [b"", False])
+            started += 1
+        events = sel.select(timeout=30)
+        if not events:
+            raise SystemExit("bench: no progress for 30 s")
+        for key, _ in events:
+            s, state = key.fileobj, key.data
+            data = s.recv(4096)
+            if data:
+                state[0] += data
+                if respond and not state[1] and len(state[0]) >= 32:
+                    s.send(hmac.new(SECRET, state[0][:32], hashlib.sha256).digest())
+                    state[1] = True
+                continue
+            if respond and not state[1]:
+                raise SystemExit(f"bench: connection closed after {len(state[0])} bytes, no salt")
+            sel.unregister(s)
+            s.close()
+            finished += 1
+    sel.close()
+
+
+def measure(argv: list[str], conns: int, concurrency: int, respond: bool) -> dict[str, float]:
+    """Start one server, warm it up, time ``conns`` connections; return the figures."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP")}
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+    try:
+        port = int(server.stdout.readline())
+        load(port, 2 * concurrency, concurrency, respond)
+        while children(server.pid):
+            time.sleep(0.002)
+        own0, kids0 = cpu(server.pid)
+        t0 = time.perf_counter()
+        load(port, conns, concurrency, respond)
+        while children(server.pid):
+            time.sleep(0.001)
+        wall = time.perf_counter() - t0
+        own1, kids1 = cpu(server.pid)
+    finally:
+        server.terminate()
+        server.wait()
+        server.stdout.close()
+    return {"rate": conns / wall, "ms": 1000 * wall / conns,
+            "parent_us": 1e6 * (own1 - own0) / conns, "kids_us": 1e6 * (kids1 - kids0) / conns}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--program", default="handle", choices=("handle", "true", "python"))
+    ap.add_argument("--conns", type=int, help="connections per run (default 300; 2000 for true)")
+    ap.add_argument("--rounds", type=int, default=4, help="runs of each server, interleaved")
+    ap.add_argument("-c", dest="limit", type=int, default=8, help="tcpserver -c (both)")
+    ap.add_argument("--concurrency", type=int, help="client connections in flight (default: -c)")
+    ap.add_argument("command", nargs="*", help="program to run instead (after --)")
+    args = ap.parse_args()
+    concurrency = args.concurrency or args.limit
+    with tempfile.TemporaryDirectory() as work:
+        respond = False
+        if args.command:
+            program, name = args.command, " ".join(args.command)
+        elif args.program == "handle":
+            program, respond = [tool("ostiary-handle"), "-c", handle_config(work)], True
+            name = "ostiary-handle (full exchange, right response)"
+        elif args.program == "true":
+            program, name = ["/bin/true"], "/bin/true"
+        else:
+            program, name = [sys.executable, "-S", "-c", "pass"], "python3 -S -c pass"
+        conns = args.conns or (2000 if program == ["/bin/true"] else 300)
+        flags = ["-1", "-HRl0", "-c", str(args.limit), "127.0.0.1", "0"]
+        servers = {"real": [tool("tcpserver")] + flags + program,
+                   "shim": [tool("ostiary-tcpserver")] + flags + program}
+        results: dict[str, list[dict[str, float]]] = {"real": [], "shim": []}
+        for _ in range(args.rounds):
+            for which in ("real", "shim"):
+                results[which].append(measure(servers[which], conns, concurrency, respond))
+    print(f"program: {name}")
+    print(f"both: -HRl0 -c {args.limit}; {concurrency} clients in flight; {conns} connections "
+          f"per run; {args.rounds} runs each, interleaved real/shim; "
+          f"python {sys.version.split()[0]}")
+    print(f"{'server':6} {'conn/s':>9} {'ms/conn':>8} {'parent CPU us/conn':>19} "
+          f"{'children CPU us/conn':>21}  runs (conn/s)")
+    medians = {}
+    for which in ("real", "shim"):
+        rs = results[which]
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        medians[which] = med
+        runs = " ".join(f"{r['rate']:.0f}" for r in rs)
+        print(f"{which:6} {med['rate']:9.1f} {med['ms']:8.3f} {med['parent_us']:19.0f} "
+              f"{med['kids_us']:21.0f}  {runs}")
+    ratio = medians["shim"]["rate"] / medians["real"]["rate"]
+    extra = medians["shim"]["ms"] - medians["real"]["ms"]
+    print(f"ratio shim/real (conn/s): {ratio:.3f}   "
+          f"extra time per connection: {extra * 1000:+.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

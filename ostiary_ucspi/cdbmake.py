@@ -5,10 +5,15 @@ an empty one and can overwrite it, silently dropping a record (the key
 ``39.160.226.88`` hashes to 0). Both tcprules CDBs and lockout snapshots are
 written here.
 """
+from __future__ import annotations
+
 import struct
-from typing import BinaryIO
 
 from cdblib import djb_hash
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs the handler's start-up an re and enum import
+    from typing import BinaryIO
 
 _pair = struct.Struct("<LL").pack
 

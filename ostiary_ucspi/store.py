@@ -40,8 +40,6 @@ from struct import unpack_from
 
 from cdblib import Reader
 
-from .cdbmake import write_cdb
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable
@@ -500,6 +498,8 @@ class Transaction:
 
     def _write_snapshot(self, items: dict[bytes, bytes], gen: int) -> None:
         records = [(GEN_KEY, b"%d" % gen), *items.items()]
+        from .cdbmake import write_cdb  # compaction only: not on every connection's path
+
         replace(self.store.path, lambda f: write_cdb(f, records))
         self._write_journal(MAGIC + b"%d\n" % gen)
         self.view = self.store.view()

@@ -24,11 +24,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from conftest import project_tool, require_tool
+from conftest import project_tool, require_tool, wait_for
 
 SALT_LEN = 32
 KILL = b"adv-kill-passphrase-0"
@@ -49,18 +48,6 @@ TOTALS = {"inputs": 0, "connections": 0, "crashes": 0, "false positives": 0}
 def response(secret: bytes, salt: bytes) -> bytes:
     """HMAC-SHA256(secret, salt): the only answer that may ever run anything."""
     return hmac.new(secret, salt, hashlib.sha256).digest()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Site:

@@ -5,7 +5,9 @@ import os
 import shutil
 import socket
 import sysconfig
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -42,3 +44,15 @@ def project_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not on PATH: install the project first (pip install -e '.[test]')")
     return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)

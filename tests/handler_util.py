@@ -24,13 +24,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from conftest import free_port, project_tool, require_tool
+from conftest import free_port, project_tool, require_tool, wait_for
 
 SALT_LEN = 32
 KILL = b"kill-passphrase-for-tests"
@@ -154,18 +153,6 @@ def tcp_pair(listen_host: str = "127.0.0.1", connect_host: str | None = None
         client = socket.create_connection((connect_host or listen_host, port), timeout=10)
         server, _ = lst.accept()
     return client, server
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Handler:

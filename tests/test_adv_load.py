@@ -22,7 +22,6 @@ import pytest
 
 from adv_util import (SALT_LEN, SECRETS, TRACEBACK, Server, Site, connect, descriptors, figure,
                       handlers_alive, read_to_eof, recv_exact, response, wait_for, zombies)
-from conftest import ROOT
 from ostiary_ucspi.lockout import ERRORS, Entry
 
 COMM_TIMEOUT, DELAY, MAX_BAD = 1, 0, 3
@@ -70,8 +69,6 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
 
 @pytest.mark.parametrize("kind", ["tcpserver", "ostiary-tcpserver"])
 def test_five_hundred_mixed_connections(kind, pytestconfig):
-    if kind == "ostiary-tcpserver" and not (ROOT / "ostiary_ucspi" / "tcpserver.py").exists():
-        pytest.skip("the ostiary-tcpserver shim is not written yet")
     site = Site()
     site.config(COMM_TIMEOUT=str(COMM_TIMEOUT), DELAY=str(DELAY), MAX_BAD_CONNS=str(MAX_BAD),
                 MIN_LOGLEVEL="LOG_NOTICE")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, project_tool, require_tool
+from conftest import ROOT, free_port, project_tool, require_tool, wait_for
 
 from ostiary_ucspi import conf
 from ostiary_ucspi.store import Store
@@ -35,17 +35,6 @@ IS_ROOT = os.geteuid() == 0
 
 
 # ---------------------------------------------------------------- helpers
-
-def wait_for(check, timeout: float, what: str):
-    """Poll ``check()`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def listening(port: int) -> bool:

@@ -337,9 +337,7 @@ def test_replaces_atomically(tools: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_fsync_before_rename(tools: dict[str, str], tmp_path: Path) -> None:
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace is not installed")
+    strace = require_tool("strace")
     log = tmp_path / "trace"
     calls = "trace=openat,fsync,rename,renameat,renameat2"
     cmd = [strace, "-f", "-o", str(log), "-e", calls, tools["ours"], "r.cdb", "r.tmp"]

@@ -1,0 +1,108 @@
+"""The wire protocol's pure functions: HMAC-SHA256 vectors, matching, salts."""
+import hashlib
+import hmac
+import _operator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ostiary_ucspi import protocol
+
+# PROTOCOL.md's verified Ostiary 4.0 vector.
+VECTOR = (b"secretpassword",
+          bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"),
+          "fc251d0f9004af95b838cd431ae4b7d6704393e4d3864e73932aebb7168dfbbf")
+
+# RFC 4231, HMAC-SHA-256 test cases 1-4, 6 and 7 (5 is a truncated output).
+RFC4231 = [
+    (b"\x0b" * 20, b"Hi There",
+     "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
+    (b"Jefe", b"what do ya want for nothing?",
+     "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+    (b"\xaa" * 20, b"\xdd" * 50,
+     "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"),
+    (bytes(range(1, 26)), b"\xcd" * 50,
+     "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"),
+    (b"\xaa" * 131, b"Test Using Larger Than Block-Size Key - Hash Key First",
+     "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"),
+    (b"\xaa" * 131, b"This is a test using a larger than block-size key and a larger than "
+     b"block-size data. The key needs to be hashed before being used by the HMAC algorithm.",
+     "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"),
+]
+
+
+@pytest.mark.parametrize("key, msg, digest", [VECTOR, *RFC4231])
+def test_published_vectors(key: bytes, msg: bytes, digest: str) -> None:
+    assert hmac.new(key, msg, hashlib.sha256).hexdigest() == digest  # the vector itself
+    assert protocol.response(key, msg).hex() == digest
+
+
+@pytest.mark.parametrize("length", [0, 1, 31, 32, 63, 64, 65, 127, 128, 129, 1000])
+def test_key_lengths_around_the_block_size(length: int) -> None:
+    key = bytes((7 * i + 3) % 256 for i in range(length))
+    salt = bytes(range(32))
+    assert protocol.response(key, salt) == hmac.new(key, salt, hashlib.sha256).digest()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200), st.binary(min_size=32, max_size=32))
+def test_same_as_the_hmac_module(key: bytes, salt: bytes) -> None:
+    assert protocol.response(key, salt) == hmac.new(key, salt, hashlib.sha256).digest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.binary(max_size=40))
+def test_compare_digest_agrees_with_hmac_compare_digest(a: bytes, b: bytes) -> None:
+    assert protocol.compare_digest(a, b) == hmac.compare_digest(a, b) == (a == b)
+
+
+def test_compare_digest_is_the_constant_time_routine() -> None:
+    assert protocol.compare_digest is _operator._compare_digest
+    with pytest.raises(TypeError):
+        protocol.compare_digest("text", b"bytes")
+
+
+def test_salts_are_fresh_and_full_length() -> None:
+    salts = {protocol.new_salt() for _ in range(1000)}
+    assert len(salts) == 1000
+    assert {len(s) for s in salts} == {protocol.SALT_LEN}
+
+
+SALT = bytes(range(32))
+SECRETS = [b"kill-passphrase", b"first-action", b"second-action", b"first-action-2"]
+
+
+@pytest.mark.parametrize("index", range(len(SECRETS)))
+def test_match_finds_the_one_that_was_proved(index: int) -> None:
+    assert protocol.match(protocol.response(SECRETS[index], SALT), SALT, SECRETS) == index
+
+
+@pytest.mark.parametrize("answer", [
+    b"", b"\0" * 32, protocol.response(b"first-action", SALT)[:31],
+    protocol.response(b"first-action", SALT) + b"\0",
+    protocol.response(b"first-action", bytes(32)),  # right secret, another salt
+    protocol.response(b"first-actio", SALT),
+])
+def test_match_refuses_anything_else(answer: bytes) -> None:
+    assert protocol.match(answer, SALT, SECRETS) == -1
+
+
+@pytest.mark.parametrize("index", [-1, 0, 3])
+def test_match_compares_against_every_secret_every_time(monkeypatch, index: int) -> None:
+    calls: list[bytes] = []
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(a)
+        return _operator._compare_digest(a, b)
+
+    monkeypatch.setattr(protocol, "compare_digest", counting)
+    answer = protocol.response(SECRETS[index], SALT) if index >= 0 else b"x" * 32
+    assert protocol.match(answer, SALT, SECRETS) == index
+    assert calls == [protocol.response(s, SALT) for s in SECRETS]
+
+
+def test_the_first_of_two_equal_secrets_wins() -> None:
+    """The config refuses a passphrase used twice; match() still never runs two."""
+    secrets = [b"kill", b"same", b"same"]
+    assert protocol.match(protocol.response(b"same", SALT), SALT, secrets) == 1

@@ -208,8 +208,12 @@ def cmd_revive(store: Store, cfg: Config) -> None:
         return
     since, reason = parse_stopped(stopped)
     print(f"revived: stopped since {when(since)}: {reason}")
-    d = os.environ.get("OSTIARY_SERVICE", "DIR")
-    print(f"under daemontools the service was also taken down; bring it up: rm {d}/down; svc -u {d}")
+    d = os.environ.get("OSTIARY_SERVICE")
+    if d:
+        print(f"the service was also taken down; bring it up: rm {d}/down; svc -u {d}")
+    else:
+        print("under daemontools or runit the service was also taken down; bring it up: "
+              "rm SERVICEDIR/down; svc -u SERVICEDIR")
 
 
 def cmd_prune(store: Store) -> None:
@@ -219,7 +223,8 @@ def cmd_prune(store: Store) -> None:
     with store.lock() as tx:
         before = len(tx.items())
         kept = tx.compact()
-    print(f"pruned: {before - kept} expired records dropped, {kept} kept")
+        internal = sum(1 for k in tx.items() if k.startswith(b"!"))
+    print(f"pruned: {before - kept} expired records dropped, {kept - internal} kept")
 
 
 def cmd_export(store: Store, cfg: Config) -> None:
@@ -237,7 +242,7 @@ def cmd_reset(store: Store, force: bool) -> None:
     except StoreCorrupt as e:
         why = str(e)
     else:
-        raise Usage("the store is not corrupt: nothing to reset (see unlock, prune)")
+        raise Fatal("the store is not corrupt: nothing to reset (see unlock, prune)")
     moved = store.set_aside(time.strftime(".corrupt-%Y%m%dT%H%M%S"))
     print(f"the store was corrupt: {why}")
     for path in moved:
@@ -280,8 +285,8 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ostiary-lockout; ``argv`` excludes the program name (sys.argv[1:])."""
-    argv = sys.argv if argv is None else [PROG, *argv]
+    """Entry point of ostiary-lockout; ``argv`` is the whole command line (sys.argv)."""
+    argv = sys.argv if argv is None else argv
     if len(argv) == 2 and argv[1] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import errno
 import os
 import shutil
 import signal
@@ -124,6 +125,9 @@ def talk(sock: socket.socket, secret: bytes | None = None, *, response_bytes: by
             sock.shutdown(socket.SHUT_WR)
     except (BrokenPipeError, ConnectionResetError):
         pass
+    except OSError as e:  # the handler closed with our surplus unread: the kernel reset
+        if e.errno != errno.ENOTCONN:
+            raise
     return got + read_to_eof(sock)
 
 

@@ -12,7 +12,7 @@ from conftest import project_tool
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.config import load
 from ostiary_ucspi.lockout import ERRORS, STOPPED, Entry, address_key, charge, fail, refusal, stop
-from ostiary_ucspi.lockoutctl import main
+from ostiary_ucspi.lockoutctl import PROG, main
 from ostiary_ucspi.store import Store
 
 NOW = int(time.time())
@@ -53,7 +53,7 @@ def rig(tmp_path) -> Rig:
 def run(rig, capsys):
     """Run ostiary-lockout -c CONFIG ARGS in-process; return (status, stdout, stderr)."""
     def go(*args: str) -> tuple[int, str, str]:
-        code = main(["-c", rig.cfg_path, *args])
+        code = main([PROG, "-c", rig.cfg_path, *args])
         out, err = capsys.readouterr()
         return code, out, err
     return go
@@ -175,16 +175,17 @@ def test_revive_leaves_the_stopped_state_and_says_how_to_restart(tmp_path, capsy
     rig.fails("192.0.2.7", 3)
     assert rig.refused("198.51.100.1").startswith("service stopped: 192.0.2.7 passed MAX_SINGLE_ERRS")
     monkeypatch.setenv("OSTIARY_SERVICE", "/service/ostiary")
-    assert main(["-c", rig.cfg_path, "revive"]) == 0
+    assert main([PROG, "-c", rig.cfg_path, "revive"]) == 0
     out = capsys.readouterr().out
     assert f"revived: stopped since {when(NOW)}: 192.0.2.7 passed MAX_SINGLE_ERRS (3 errors)" in out
     assert "rm /service/ostiary/down; svc -u /service/ostiary" in out
+    assert "SERVICEDIR" not in out
     view = rig.store.view()
     assert view.get(STOPPED) is None and view.get(ERRORS) is None
     assert Entry(view.get(b"192.0.2.7")).errors == 0
     assert rig.refused("198.51.100.1") is None
     assert rig.refused("192.0.2.7") == "locked out"  # revive is not unlock
-    assert main(["-c", rig.cfg_path, "revive"]) == 0
+    assert main([PROG, "-c", rig.cfg_path, "revive"]) == 0
     assert capsys.readouterr().out == "the service is not stopped\n"
 
 
@@ -194,8 +195,8 @@ def test_prune_drops_expired_strikes_and_locks_now(tmp_path, capsys):
     rig.fails("192.0.2.2", 1, NOW - 100)    # strikes fresh
     rig.fails("192.0.2.3", 3, NOW - 8000)   # lock expired
     rig.fails("192.0.2.4", 3, NOW - 1000)   # lock fresh
-    assert main(["-c", rig.cfg_path, "prune"]) == 0
-    assert capsys.readouterr().out == "pruned: 2 expired records dropped, 3 kept\n"
+    assert main([PROG, "-c", rig.cfg_path, "prune"]) == 0
+    assert capsys.readouterr().out == "pruned: 2 expired records dropped, 2 kept\n"
     items = rig.store.view().items()
     assert set(items) == {b"192.0.2.2", b"192.0.2.4", ERRORS}
     assert os.path.getsize(rig.db + ".journal") == len(b"ostiary-journal 3\n")
@@ -224,7 +225,7 @@ def test_a_missing_store_directory_is_fatal(rig, run):
 
 
 def test_a_missing_config_is_fatal(tmp_path, capsys):
-    assert main(["-c", str(tmp_path / "nope.cfg"), "list"]) == 111
+    assert main([PROG, "-c", str(tmp_path / "nope.cfg"), "list"]) == 111
     err = capsys.readouterr().err
     assert err == "ostiary-lockout: fatal: nope.cfg: unable to read: No such file or directory\n"
 
@@ -277,7 +278,7 @@ def test_a_corrupt_store_is_reported_then_set_aside_on_request(rig, run, damage,
 def test_reset_refuses_a_valid_store(rig, run):
     rig.fails("192.0.2.7", 3)
     code, out, err = run("reset", "--force")
-    assert (code, out) == (100, "")
+    assert (code, out) == (111, "")
     assert "the store is not corrupt: nothing to reset" in err
     assert rig.refused("192.0.2.7") == "locked out"
 
@@ -302,13 +303,13 @@ def test_writes_to_a_corrupt_store_fail(rig, run):
     (["export", "--json"], "export takes no argument"),
 ])
 def test_usage_errors(rig, capsys, args, message):
-    assert main(["-c", rig.cfg_path, *args]) == 100
+    assert main([PROG, "-c", rig.cfg_path, *args]) == 100
     err = capsys.readouterr().err
     assert err.startswith(f"ostiary-lockout: fatal: {message}\nusage: ostiary-lockout [-c FILE] COMMAND")
 
 
 def test_help(capsys):
-    assert main(["--help"]) == 0
+    assert main([PROG, "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: ostiary-lockout [-c FILE] COMMAND")
 
 
@@ -394,3 +395,13 @@ def test_a_store_file_its_owner_cannot_read_or_write_is_named(rig, run):
     assert code == 111 and f"state directory {rig.state}: mode 500" in err
     os.chmod(rig.state, 0o700)
     assert run("export")[0] == 0
+
+
+def test_revive_outside_supervision_names_no_directory(tmp_path, capsys, monkeypatch):
+    rig = Rig(tmp_path, "MAX_SINGLE_ERRS=2\n")
+    rig.fails("192.0.2.7", 3)
+    monkeypatch.delenv("OSTIARY_SERVICE", raising=False)
+    assert main([PROG, "-c", rig.cfg_path, "revive"]) == 0
+    out = capsys.readouterr().out
+    assert "rm SERVICEDIR/down; svc -u SERVICEDIR" in out
+    assert rig.refused("198.51.100.1") is None

@@ -8,6 +8,7 @@ The client gets the 32-byte salt and nothing else, ever. Exit status: 0 the
 connection was handled (whatever the client proved), 100 usage, 111 a
 configuration, address or lockout-store problem (the client got nothing).
 """
+import errno
 import os
 import sys
 import time
@@ -95,7 +96,12 @@ def exchange(salt: bytes, timeout: int) -> tuple[bytes, str]:
 
 
 def svc_down(log: logmod.Log) -> None:
-    """Under daemontools ($OSTIARY_SERVICE), mark the service down and stop it."""
+    """Under daemontools or runit ($OSTIARY_SERVICE), mark the service down and stop it.
+
+    What ``svc -d`` does, without trusting svc's exit status (0 even when it
+    cannot reach supervise): write ``d`` to supervise/control, a FIFO that
+    only a running supervise (or runsv) holds open for reading.
+    """
     service = os.environ.get("OSTIARY_SERVICE")
     if not service:
         return
@@ -103,20 +109,21 @@ def svc_down(log: logmod.Log) -> None:
         open(os.path.join(service, "down"), "a").close()
     except OSError as e:
         log(logmod.ERR, f"unable to create {service}/down: {e.strerror}")
-    pid = os.fork()
-    if pid == 0:
-        try:
-            null = os.open("/dev/null", os.O_RDWR)
-            os.dup2(null, 0)
-            os.dup2(null, 1)
-            os.execvp("svc", ["svc", "-d", service])
-        finally:
-            os._exit(127)
-    _, status = os.waitpid(pid, 0)
-    if status:
-        log(logmod.ERR, f"svc -d {service} failed: exit {os.waitstatus_to_exitcode(status)}")
-    else:
-        log(logmod.NOTICE, f"svc -d {service}: service taken down")
+    control = os.path.join(service, "supervise", "control")
+    try:
+        fd = os.open(control, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        why = "supervise is not running" if e.errno == errno.ENXIO else e.strerror
+        log(logmod.ERR, f"unable to take {service} down: {control}: {why}")
+        return
+    try:
+        os.write(fd, b"d")
+    except OSError as e:
+        log(logmod.ERR, f"unable to take {service} down: {control}: {e.strerror}")
+        return
+    finally:
+        os.close(fd)
+    log(logmod.NOTICE, f"{service}: supervise told to take the service down (svc -d)")
 
 
 def start(cfg: Config, action, what: str, ip: str, log: logmod.Log) -> None:

@@ -201,6 +201,7 @@ class Rig:
         self.syslog = root / "syslog"
         self.secrets: list[bytes] = [KILL, OPEN]
         self.procs: list[subprocess.Popen] = []
+        self.control = -1
         self.action("open")
 
     # -- set-up ---------------------------------------------------------------
@@ -235,20 +236,30 @@ class Rig:
         path.chmod(mode)
         return path
 
-    def fake_svc(self) -> tuple[Path, dict[str, str]]:
-        """Make a service directory and a fake ``svc`` that records its argv.
+    def fake_supervise(self) -> tuple[Path, dict[str, str]]:
+        """Make a service directory whose supervise/control FIFO we hold open, as supervise does.
 
-        Returns (service dir, environment to add: OSTIARY_SERVICE and PATH).
+        Returns (service dir, environment to add: OSTIARY_SERVICE). What the
+        handler writes there is in :meth:`control_commands`; :meth:`stop_supervise`
+        closes our end, as when supervise is not running.
         """
-        fake = self.root / "fakebin"
-        fake.mkdir()
-        svc = fake / "svc"
-        svc.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" >> '{self.out}/svc.argv'\n")
-        svc.chmod(0o755)
         service = self.root / "service"
-        service.mkdir()
-        env = {"OSTIARY_SERVICE": str(service), "PATH": f"{fake}:{os.environ['PATH']}"}
-        return service, env
+        (service / "supervise").mkdir(parents=True)
+        os.mkfifo(service / "supervise" / "control", 0o600)
+        self.control = os.open(service / "supervise" / "control", os.O_RDONLY | os.O_NONBLOCK)
+        return service, {"OSTIARY_SERVICE": str(service)}
+
+    def control_commands(self) -> bytes:
+        """What was written to the fake supervise's control FIFO so far."""
+        try:
+            return os.read(self.control, 64)
+        except BlockingIOError:
+            return b""
+
+    def stop_supervise(self) -> None:
+        """Close our end of the control FIFO: nobody reads it any more."""
+        os.close(self.control)
+        self.control = -1
 
     # -- running --------------------------------------------------------------
 
@@ -375,7 +386,9 @@ class Rig:
         return Entry(None if view is None else view.get(key))
 
     def cleanup(self) -> None:
-        """Kill handlers we started that are still running."""
+        """Kill handlers we started that are still running; close the fake control FIFO."""
+        if self.control >= 0:
+            os.close(self.control)
         for p in self.procs:
             if p.poll() is None:
                 p.kill()

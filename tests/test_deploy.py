@@ -475,7 +475,8 @@ def test_kill_takes_it_down_until_revived_across_svscan_restarts(deployed):
     assert (service / "down").exists()
     assert not listening(port)
     text = log_text(service)
-    assert "127.0.0.1 proved KILL" in text and "service taken down" in text
+    assert "127.0.0.1 proved KILL" in text
+    assert f"{service.resolve()}: supervise told to take the service down" in text
 
     scan.crash()  # a reboot: svscan, supervise and tcpserver all gone
     scan.start()

@@ -386,7 +386,7 @@ def test_corrupt_store_refuses_everyone_loudly_and_is_left_alone(rig: Rig, how):
 @pytest.mark.parametrize("secret", [OPEN, KILL], ids=["action", "kill"])
 def test_store_corrupted_during_the_exchange_runs_nothing(rig: Rig, secret):
     """The store breaks after the salt went out: the right answer still runs nothing."""
-    service, env = rig.fake_svc()
+    service, env = rig.fake_supervise()
     seed_store(rig)
     h = rig.start(env=env)
 
@@ -400,9 +400,10 @@ def test_store_corrupted_during_the_exchange_runs_nothing(rig: Rig, secret):
     assert len(alerts) == 1, rig.lines()
     assert rig.runs("open") == []
     if secret == KILL:  # the store could not record KILL: supervise still takes it down
-        assert (rig.out / "svc.argv").read_text() == f"-d\n{service}\n"
+        assert rig.control_commands() == b"d"
+        assert (service / "down").exists()
     else:
-        assert not (rig.out / "svc.argv").exists()
+        assert rig.control_commands() == b""
 
 
 def test_torn_journal_tail_loses_no_later_strike(rig: Rig):
@@ -451,22 +452,24 @@ def test_kill_stops_the_service_until_revived(rig: Rig):
 
 
 def test_kill_under_daemontools_marks_the_service_down(rig: Rig):
-    service, env = rig.fake_svc()
+    service, env = rig.fake_supervise()
     got, rc = rig.handle(KILL, env=env)
     assert (len(got), rc) == (SALT_LEN, 0)
     assert (service / "down").exists()
-    assert (rig.out / "svc.argv").read_text().split("\n")[:2] == ["-d", str(service)]
-    rig.wait_log(f"svc -d {service}")
+    assert rig.control_commands() == b"d"
+    rig.wait_log(f"{service}: supervise told to take the service down")
 
 
-def test_kill_without_svc_still_marks_the_service_down_and_says_so(rig: Rig):
-    service, env = rig.fake_svc()
-    env["PATH"] = str(rig.root / "out")  # no svc there
+def test_kill_without_supervise_still_marks_the_service_down_and_says_so(rig: Rig):
+    service, env = rig.fake_supervise()
+    rig.stop_supervise()
     got, rc = rig.handle(KILL, env=env)
     assert (len(got), rc) == (SALT_LEN, 0)
     assert (service / "down").exists()
-    assert rig.wait_log(f"svc -d {service} failed: exit 127")[0].startswith(
-        "ostiary-handle: error: ")
+    line = rig.wait_log(f"unable to take {service} down: {service}/supervise/control: "
+                        "supervise is not running")
+    assert line[0].startswith("ostiary-handle: error: ")
+    assert not any("supervise told" in x for x in rig.lines())
     assert rig.store_view().get(STOPPED) is not None
 
 
@@ -475,7 +478,7 @@ def stopped_reason(rig: Rig) -> str:
 
 
 def test_max_single_errs_stops_the_service(rig: Rig):
-    service, env = rig.fake_svc()
+    service, env = rig.fake_supervise()
     rig.write_config(MAX_BAD_CONNS="10", MAX_SINGLE_ERRS="2")
     for _ in range(3):
         got, _ = rig.handle(talk_kw={"response_bytes": WRONG}, env=env)
@@ -499,7 +502,7 @@ def test_max_total_errs_stops_the_service(rig: Rig):
 
 
 def test_exit_on_ipcache_full_stops_the_service(rig: Rig):
-    service, env = rig.fake_svc()
+    service, env = rig.fake_supervise()
     rig.write_config("EXIT_ON_IPCACHE_FULL", "IPCACHE_SIZE=2", MIN_LOGLEVEL="LOG_NOTICE")
     for ip in ("10.0.0.1", "10.0.0.2"):
         assert len(rig.handle(talk_kw={"response_bytes": WRONG}, remote_ip=ip)[0]) == SALT_LEN

@@ -60,14 +60,13 @@ if uid >= 0:
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
-sys.exit(m.main({argv}))
+sys.exit(m.main(sys.argv))
 """
 
 
 def command(module: str, user: int | None, *args: str) -> list[str]:
     """Run ``ostiary_ucspi.module.main`` as ``user`` (None: as we are)."""
-    argv = "sys.argv" if module == "handle" else "sys.argv[1:]"
-    return [sys.executable, "-c", AS_USER.format(module=module, argv=argv),
+    return [sys.executable, "-c", AS_USER.format(module=module),
             str(-1 if user is None else user), *args]
 
 

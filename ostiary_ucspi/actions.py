@@ -5,8 +5,6 @@ handler can exit at once; the runner starts the action, copies its output to the
 by line, logs its exit status, and, for an action with an UNDO, sleeps the
 delay and runs the undo the same way.
 """
-from __future__ import annotations
-
 import os
 import stat
 import time

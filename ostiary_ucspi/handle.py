@@ -217,7 +217,8 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
     else:
         succeed(store, key)
         start(cfg, cfg.actions[found - 1], f"action {found}", ip, log)
-    time.sleep(cfg.delay)
+    if cfg.delay:
+        time.sleep(cfg.delay)
     return 0
 
 

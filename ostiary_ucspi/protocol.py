@@ -12,16 +12,17 @@ OpenSSL. tests/test_protocol.py holds both to the RFC 4231 vectors, to
 ``hmac.new`` and to ``hmac.compare_digest``.
 """
 import os
+import sys
 
 from _operator import _compare_digest as compare_digest
 
 try:
-    from _sha2 import sha256  # CPython 3.12 and later
-except ImportError:
-    try:
-        from _sha256 import sha256  # CPython 3.10, 3.11
-    except ImportError:  # a build without CPython's own SHA-256 (some FIPS builds)
-        from hashlib import sha256
+    if sys.version_info >= (3, 12):
+        from _sha2 import sha256
+    else:
+        from _sha256 import sha256
+except ImportError:  # a build without CPython's own SHA-256 (some FIPS builds)
+    from hashlib import sha256
 
 SALT_LEN = 32
 RESPONSE_LEN = 32

@@ -29,8 +29,6 @@ callers treat as "refuse everyone".
 When root writes (the operator's tool), new files get the owner of the
 directory, so the handler's user can still write them.
 """
-from __future__ import annotations
-
 import os
 import stat
 import zlib
@@ -203,7 +201,7 @@ class Store:
     trigger (None keeps everything).
     """
 
-    def __init__(self, path: str, keep: Keep | None = None) -> None:
+    def __init__(self, path: str, keep: "Keep | None" = None) -> None:
         self.path = path
         self.journal = path + ".journal"
         self.keep = keep
@@ -319,9 +317,14 @@ class Store:
                 raise StoreError(f"{path}: Permission denied to its owner, the handler "
                                  f"(mode {st.st_mode & 0o7777:o}): chmod u+rw {path}")
 
-    def lock(self) -> Transaction:
-        """Take the writers' lock and return a transaction (a context manager)."""
-        return Transaction(self)
+    def lock(self, durable: bool = True) -> "Transaction":
+        """Take the writers' lock and return a transaction (a context manager).
+
+        ``durable=False`` skips the journal's fdatasync: for updates whose loss
+        in a power cut errs on the safe side (a refund), and a later durable
+        append to the same journal flushes them too.
+        """
+        return Transaction(self, durable)
 
     def set_aside(self, suffix: str) -> list[str]:
         """Under the writers' lock, rename the snapshot and journal to NAME + ``suffix``.
@@ -348,7 +351,7 @@ class Lock:
         self.path = path
         self.fd = -1
 
-    def __enter__(self) -> Lock:
+    def __enter__(self) -> "Lock":
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
@@ -386,7 +389,7 @@ def sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def replace(path: str, write: Callable[[object], None]) -> None:
+def replace(path: str, write: "Callable[[object], None]") -> None:
     """Atomically replace ``path`` by what ``write(file)`` writes: temp file, fsync, rename."""
     tmp = path + ".tmp"
     try:
@@ -410,13 +413,14 @@ def journal_threshold(snapshot_size: int) -> int:
 class Transaction:
     """Reads see the store as of the lock; puts are written together on exit."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, durable: bool = True) -> None:
         self.store = store
+        self.durable = durable
         self.pending: dict[bytes, bytes] = {}
         self.lock = Lock(store.path + ".lock")
         self.view: View | None = None
 
-    def __enter__(self) -> Transaction:
+    def __enter__(self) -> "Transaction":
         self.lock.__enter__()
         try:
             self.view = self.store.view()
@@ -469,7 +473,8 @@ class Transaction:
                 try:
                     if os.write(fd, lines) != len(lines):
                         raise StoreError(f"short write to {jpath}")
-                    os.fdatasync(fd)
+                    if self.durable:
+                        os.fdatasync(fd)
                     size = os.fstat(fd).st_size
                 finally:
                     os.close(fd)
@@ -482,7 +487,7 @@ class Transaction:
             self.compact()  # of the view and the pending puts: the journal as it is now
         self.pending.clear()
 
-    def compact(self, keep: Keep | None = None) -> int:
+    def compact(self, keep: "Keep | None" = None) -> int:
         """Fold the journal into a new snapshot, dropping what ``keep(key, value)`` rejects.
 
         ``keep`` defaults to the store's. Returns the number of entries written.

@@ -110,6 +110,23 @@ def test_transaction_sees_its_own_puts_and_writes_them_as_one(path):
     assert lines[2].startswith(b"gone - ") and not lines[2].endswith(b"+")
 
 
+def test_charges_are_synced_to_disk_and_refunds_are_not(path, monkeypatch):
+    """A charge must survive a power cut before the salt goes out; a lost refund errs safe."""
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(storemod.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    cfg = parse('KILL="kill-kill-kill"\nACTION="open-open-open","/bin/true"\n', "t.cfg")
+    store = Store(path)
+    with store.lock() as tx:  # the journal exists: what follows are appends
+        tx.put(b"10.0.0.9", b"x")
+    synced.clear()
+    assert charge(store, b"10.0.0.1", cfg, 1000) == (None, None)
+    assert len(synced) == 1
+    succeed(store, b"10.0.0.1")
+    assert len(synced) == 1
+    assert Entry(store.view().get(b"10.0.0.1")).strikes == 0
+
+
 def test_an_exception_in_a_transaction_writes_nothing(path):
     put(path, k=b"1")
     with pytest.raises(RuntimeError):

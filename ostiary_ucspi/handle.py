@@ -183,7 +183,7 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
     included) does not happen.
     """
     view = store.view()
-    why, stopped_now = refusal(view, key, cfg.max_bad_conns), None
+    why, stopped_now = refusal(view, key, cfg.max_bad_conns, cfg.lockout_expire, now), None
     if not why:
         why, stopped_now = charge(store, key, cfg, now)
     if why:

@@ -3,9 +3,11 @@
 An address's record is ``strikes errors locked_since last_seen`` (decimal,
 seconds since the epoch; ``locked_since`` 0 = not locked). ``strikes`` counts
 toward MAX_BAD_CONNS and a success clears it; ``errors`` counts toward
-MAX_SINGLE_ERRS and only an operator clears it. ``!errors`` holds the total
-for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once KILL or an error
-threshold stopped the service. IPv6 addresses are counted per prefix.
+MAX_SINGLE_ERRS: a success takes back its own charge, ``revive`` clears it,
+and it goes with the record when compaction expires the strikes. ``!errors``
+holds the total for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once
+KILL or an error threshold stopped the service. IPv6 addresses are counted
+per prefix.
 """
 from .store import Store, StoreCorrupt, Transaction, View
 
@@ -32,8 +34,14 @@ class Entry:
         """Return the record's stored form."""
         return b"%d %d %d %d" % (self.strikes, self.errors, self.locked_since, self.last_seen)
 
-    def locked_out(self, max_bad: int) -> bool:
-        """True when connections from this address are closed at once."""
+    def locked_out(self, max_bad: int, expire: int = 0, now: int = 0) -> bool:
+        """True when connections from this address are closed at once.
+
+        A lock ``expire`` (LOCKOUT_EXPIRE; 0: never) seconds old has run out:
+        the address's next connection is charged afresh.
+        """
+        if self.locked_since and expire and now - self.locked_since >= expire:
+            return False
         return bool(self.locked_since) or self.strikes >= max_bad
 
 
@@ -59,14 +67,19 @@ def address_key(ip: str, v6_prefix: int = 64) -> bytes:
     return b"%s/%d" % (inet_ntop(AF_INET6, n.to_bytes(16, "big")).encode(), v6_prefix)
 
 
-def refusal(view: View | Transaction | None, key: bytes, max_bad: int) -> str | None:
-    """Return why ``key`` must be closed at once (stopped, locked), or None."""
+def refusal(view: View | Transaction | None, key: bytes, max_bad: int, expire: int = 0,
+            now: int = 0) -> str | None:
+    """Return why ``key`` must be closed at once (stopped, locked), or None.
+
+    A read, never a write: the hot path of a locked client. ``expire`` and
+    ``now``: see :meth:`Entry.locked_out`.
+    """
     if view is None:
         return None
     stopped = view.get(STOPPED)
     if stopped is not None:
         return "service stopped: " + stopped.partition(b" ")[2].decode(errors="replace")
-    if Entry(view.get(key)).locked_out(max_bad):
+    if Entry(view.get(key)).locked_out(max_bad, expire, now):
         return "locked out"
     return None
 
@@ -84,13 +97,13 @@ def charge(store: Store, key: bytes, cfg, now: int) -> tuple[str | None, str | N
     why this very charge stopped the service, None if it did not).
     """
     with store.lock() as tx:
-        why = refusal(tx, key, cfg.max_bad_conns)
+        why = refusal(tx, key, cfg.max_bad_conns, cfg.lockout_expire, now)
         if why is not None:
             return why, None
         raw = tx.get(key)
         entry = Entry(raw)
-        if now - entry.last_seen > cfg.strike_expire:
-            entry.strikes = 0
+        if entry.locked_since or now - entry.last_seen > cfg.strike_expire:
+            entry.strikes = entry.locked_since = 0  # strikes expired, or a lock ran out
         if raw is None and cfg.exit_on_ipcache_full:
             tracked = sum(1 for k in tx.items() if not k.startswith(b"!"))
             if tracked >= cfg.ipcache_size:

@@ -60,6 +60,7 @@ class State:
 
     def __init__(self, store: Store) -> None:
         view = store.view()
+        self.now = int(time.time())
         items = {} if view is None else view.items()
         self.entries = {k: Entry(v) for k, v in items.items() if not k.startswith(b"!")}
         self.stopped: tuple[int, str] | None = None
@@ -118,6 +119,11 @@ def parse_address(text: str, cfg: Config) -> bytes:
         raise Usage(f"not an IP address or IPv6 prefix: {text!r}") from None
 
 
+def is_locked(e: Entry, cfg: Config, now: int) -> bool:
+    """True when the handler closes this address's connections at once."""
+    return e.locked_out(cfg.max_bad_conns, cfg.lockout_expire, now)
+
+
 def when(t: int) -> str:
     """Format a time of the store for people: local time, '-' for never."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
@@ -136,7 +142,7 @@ def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
     state = State(store)
     rows = sorted(state.entries.items(),
                   key=lambda kv: (not kv[1].locked_since, -kv[1].locked_since, -kv[1].last_seen))
-    locked = sum(e.locked_out(cfg.max_bad_conns) for e in state.entries.values())
+    locked = sum(is_locked(e, cfg, state.now) for e in state.entries.values())
     if as_json:
         doc = {
             "store": cfg.lockout_db,
@@ -146,7 +152,7 @@ def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
             "max_bad_conns": cfg.max_bad_conns,
             "addresses": [{
                 "address": key.decode(), "strikes": e.strikes, "errors": e.errors,
-                "locked": e.locked_out(cfg.max_bad_conns),
+                "locked": is_locked(e, cfg, state.now),
                 "locked_since": e.locked_since or None, "last_seen": e.last_seen or None,
             } for key, e in rows],
         }
@@ -181,7 +187,7 @@ def cmd_show(store: Store, cfg: Config, key: bytes) -> None:
     print(f"errors        {e.errors}")
     print(f"locked since  {when(e.locked_since)}")
     print(f"last seen     {when(e.last_seen)}")
-    print(f"connections   {'closed at once' if e.locked_out(cfg.max_bad_conns) else 'served'}")
+    print(f"connections   {'closed at once' if is_locked(e, cfg, int(time.time())) else 'served'}")
 
 
 def cmd_unlock(store: Store, key: bytes) -> None:
@@ -229,7 +235,7 @@ def cmd_prune(store: Store) -> None:
 
 def cmd_export(store: Store, cfg: Config) -> None:
     state = State(store)
-    locked = [k for k, e in state.entries.items() if e.locked_out(cfg.max_bad_conns)]
+    locked = [k for k, e in state.entries.items() if is_locked(e, cfg, state.now)]
     sys.stdout.write("".join(k.decode() + "\n" for k in sorted(locked, key=sort_key)))
 
 

@@ -229,6 +229,18 @@ def test_strikes_expire_after_strike_expire(rig: Rig):
         assert rig.entry(ip.encode()).strikes == strikes
 
 
+def test_a_lock_runs_out_after_lockout_expire(rig: Rig):
+    rig.write_config("LOCKOUT_EXPIRE=100", MAX_BAD_CONNS="3")
+    now = int(time.time())
+    put_entry(rig, b"127.0.0.1", 3, now - 1000, age=1000)
+    put_entry(rig, b"127.0.0.2", 3, now - 10, age=10)
+    assert rig.handle(OPEN, remote_ip="127.0.0.2") == (b"", 0)
+    got, rc = rig.handle(OPEN, remote_ip="127.0.0.1")
+    assert (len(got), rc) == (SALT_LEN, 0)
+    assert rig.wait_runs("open") == ["127.0.0.1"]
+    assert rig.entry(b"127.0.0.1").locked_since == 0
+
+
 def test_fifty_parallel_bad_connections_get_at_most_max_bad_conns_salts(rig: Rig):
     rig.action("lockout")
     rig.write_config(f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="3",

@@ -449,6 +449,24 @@ def test_locks_never_expire_by_default(path):
     assert refusal(Store(path).view(), b"10.0.0.3", 3) == "locked out"
 
 
+def test_a_lock_runs_out_at_lockout_expire_without_waiting_for_a_compaction(path):
+    cfg = config("LOCKOUT_EXPIRE=60\n")
+    put(path, **{"10.0.0.3": b"3 3 %d %d" % (NOW, NOW)})
+    store = Store(path)  # no compaction in between: the record stays as it is
+    assert refusal(store.view(), b"10.0.0.3", 3, cfg.lockout_expire, NOW + 59) == "locked out"
+    assert charge(store, b"10.0.0.3", cfg, NOW + 59) == ("locked out", None)
+    assert refusal(store.view(), b"10.0.0.3", 3, cfg.lockout_expire, NOW + 60) is None
+    assert charge(store, b"10.0.0.3", cfg, NOW + 60) == (None, None)
+    entry = Entry(store.view().get(b"10.0.0.3"))
+    assert (entry.strikes, entry.locked_since) == (1, 0)  # charged afresh
+    assert fail(store, b"10.0.0.3", cfg, NOW + 61) == (False, None)
+    for _ in range(2):
+        charge(store, b"10.0.0.3", cfg, NOW + 62)
+        locked, _ = fail(store, b"10.0.0.3", cfg, NOW + 62)
+    assert locked  # and it can be locked again, LOCKOUT_ACTION and all
+    assert Entry(store.view().get(b"10.0.0.3")).locked_since == NOW + 62
+
+
 def test_the_handlers_automatic_compaction_applies_expiry(path, small_journal):
     cfg = config()
     put(path, **{"10.9.9.9": b"1 1 0 %d" % (NOW - 86401), "10.9.9.8": b"1 1 0 %d" % NOW})

@@ -241,19 +241,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return got
 
 
-def read_to_eof(sock: socket.socket) -> bytes:
-    """Read until the peer closes; a reset counts as a close."""
-    got = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
-
-
 def reset(sock: socket.socket) -> None:
     """Abort the connection: close with SO_LINGER 0, so the peer gets a RST."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")

@@ -56,3 +56,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Read until the peer closes; a reset counts as a close."""
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk

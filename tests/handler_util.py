@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import free_port, project_tool, require_tool, wait_for
+from conftest import free_port, project_tool, read_to_eof, require_tool, wait_for
 
 SALT_LEN = 32
 KILL = b"kill-passphrase-for-tests"
@@ -79,19 +79,6 @@ def syslog(priority, message):
 def response(secret: bytes, salt: bytes) -> bytes:
     """Return what an Ostiary 4.0 client answers: HMAC-SHA256(secret, salt)."""
     return hmac.new(secret, salt, hashlib.sha256).digest()
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    """Read until the peer closes (a reset counts as a close)."""
-    got = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
 
 
 def talk(sock: socket.socket, secret: bytes | None = None, *, response_bytes: bytes | None = None,

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from adv_util import SALT_LEN, Server, Site, connect, read_to_eof, recv_exact, response, wait_for
+from adv_util import SALT_LEN, Server, Site, connect, recv_exact, response, wait_for
+from conftest import read_to_eof
 from ostiary_ucspi.actions import SAFE_PATH
 
 INSPECT = """#!/bin/sh

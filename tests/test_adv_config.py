@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_util import SALT_LEN, TOTALS, figure, read_to_eof
-from conftest import project_tool
+from adv_util import SALT_LEN, TOTALS, figure
+from conftest import project_tool, read_to_eof
 from ostiary_ucspi.config import UNDO_MAX, Config, ConfigError, load, parse
 
 NAME = "fuzz.cfg"

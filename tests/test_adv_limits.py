@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from adv_util import SALT_LEN, SECRETS, Server, Site, connect, read_to_eof, recv_exact, response, wait_for
+from adv_util import SALT_LEN, SECRETS, Server, Site, connect, recv_exact, response, wait_for
+from conftest import read_to_eof
 
 WEAK = b"summer2024"
 

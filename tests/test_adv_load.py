@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from adv_util import (SALT_LEN, SECRETS, TRACEBACK, Server, Site, connect, descriptors, figure,
-                      handlers_alive, read_to_eof, recv_exact, response, wait_for, zombies)
+                      handlers_alive, recv_exact, response, wait_for, zombies)
+from conftest import read_to_eof
 from ostiary_ucspi.lockout import ERRORS, Entry
 
 COMM_TIMEOUT, DELAY, MAX_BAD = 1, 0, 3

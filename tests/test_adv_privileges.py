@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from adv_util import SALT_LEN, Server, Site, connect, figure, read_to_eof, recv_exact, response, wait_for
-from conftest import IN_CI, project_tool
+from adv_util import SALT_LEN, Server, Site, connect, figure, recv_exact, response, wait_for
+from conftest import IN_CI, project_tool, read_to_eof
 
 NOBODY, NOGROUP = 65534, 65534
 IDS = """#!/bin/sh

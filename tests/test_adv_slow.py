@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adv_util import (SALT_LEN, SECRETS, Addresses, Server, Site, connect, figure, read_to_eof,
-                      recv_exact, response, wait_for)
+from adv_util import (SALT_LEN, SECRETS, Addresses, Server, Site, connect, figure, recv_exact,
+                      response, wait_for)
+from conftest import read_to_eof
 from ostiary_ucspi.lockout import Entry
 
 COMM_TIMEOUT, DELAY = 2, 1

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_util import SALT_LEN, SECRETS, TOTALS, TRACEBACK, Site, figure, read_to_eof, response
-from conftest import IN_CI, project_tool
+from adv_util import SALT_LEN, SECRETS, TOTALS, TRACEBACK, Site, figure, response
+from conftest import IN_CI, project_tool, read_to_eof
 from ostiary_ucspi.lockout import ERRORS, Entry
 from ostiary_ucspi.store import Store
 

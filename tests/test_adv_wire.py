@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_util import (KILL, SALT_LEN, SECRETS, TOTALS, TRACEBACK, Addresses, Server, Site,
-                      connect, figure, read_to_eof, recv_exact, reset, response, wait_for)
+from adv_util import (KILL, SALT_LEN, SECRETS, TOTALS, TRACEBACK, Addresses, Server, Site, connect,
+                      figure, recv_exact, reset, response, wait_for)
+from conftest import read_to_eof
 from ostiary_ucspi.lockout import Entry
 
 ACTIONS = list(SECRETS)

@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import project_tool, require_tool
-from ostiary_ucspi import tcpserver
+from ostiary_ucspi import dns, tcpserver
 
 DNS_IP = "127.83.0.53"      # the fake DNS server
 CLIENT = "127.113.0.2"      # PTR client-host.example (A matches); identd: USERID "joe user"
@@ -625,9 +625,9 @@ def test_ipv6_any_takes_ipv4_clients_as_ipv4(tmp_path: Path) -> None:
 
 @given(st.lists(st.binary(min_size=1, max_size=63), min_size=1, max_size=4))
 def test_dns_names_round_trip(labels: list[bytes]) -> None:
-    text = tcpserver.to_dot(labels)
+    text = dns.to_dot(labels)
     assert all(33 <= ord(c) <= 126 for c in text)
-    assert tcpserver.from_dot(text) == [label.lower() for label in labels]
+    assert dns.from_dot(text) == [label.lower() for label in labels]
 
 
 def test_log_fields_are_made_safe() -> None:

@@ -141,6 +141,8 @@ def spawn(jobs: list[tuple[str, str, int]], ip: str, uid: int, gid: int,
         return
     try:
         os.setsid()
+        os.chdir("/")  # hold no directory busy while an UNDO waits; actions start in /
+        os.umask(0o022)  # not whatever the server was started with
         for what, path, delay in jobs:
             if delay:
                 time.sleep(delay)

@@ -46,6 +46,8 @@ cat /proc/$$/status > "$o.status"
 readlink /proc/$$/fd/0 > "$o.stdin"
 ls -l /proc/$$/fd/ > "$o.fds"
 echo "$$" > "$o.pid"
+pwd > "$o.cwd"
+umask > "$o.umask"
 echo "{name} says hello to $1"
 echo "{name} complains on stderr" >&2
 {sleep}

@@ -85,6 +85,17 @@ def test_without_root_other_ids_are_refused(rig: Rig):
     assert rig.runs("open") == []
 
 
+def test_actions_start_in_the_root_directory_with_umask_022(rig: Rig):
+    old = os.umask(0o077)  # the handler inherits it, as it would from a careless run script
+    try:
+        rig.handle(OPEN)
+    finally:
+        os.umask(old)
+    rig.wait_runs("open")
+    assert (rig.out / "open.cwd").read_text() == "/\n"
+    assert (rig.out / "open.umask").read_text() == "0022\n"
+
+
 def test_output_and_exit_status_are_logged(rig: Rig):
     rig.action("fails", code=3)
     rig.write_config(f'ACTION="fails-passphrase","{rig.bin}/fails"')

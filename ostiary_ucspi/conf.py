@@ -56,7 +56,7 @@ fatal() {
 [ -n "${CONFIG:-}" ] || fatal "env/CONFIG is missing or empty"
 [ -n "${CONCURRENCY:-}" ] || fatal "env/CONCURRENCY is missing or empty"
 ACCOUNT=${ACCOUNT:-root}
-# For KILL: ostiary-handle creates $OSTIARY_SERVICE/down and runs svc -d on it.
+# For KILL: ostiary-handle creates $OSTIARY_SERVICE/down and tells supervise to stop.
 OSTIARY_SERVICE=$PWD
 export OSTIARY_SERVICE
 

@@ -34,13 +34,17 @@ class Entry:
         """Return the record's stored form."""
         return b"%d %d %d %d" % (self.strikes, self.errors, self.locked_since, self.last_seen)
 
+    def lock_ran_out(self, expire: int, now: int) -> bool:
+        """True for a lock ``expire`` (LOCKOUT_EXPIRE; 0: never) seconds old or older."""
+        return bool(self.locked_since and expire and now - self.locked_since >= expire)
+
     def locked_out(self, max_bad: int, expire: int = 0, now: int = 0) -> bool:
         """True when connections from this address are closed at once.
 
-        A lock ``expire`` (LOCKOUT_EXPIRE; 0: never) seconds old has run out:
-        the address's next connection is charged afresh.
+        A lock that ran out (see :meth:`lock_ran_out`) no longer counts: the
+        address's next connection is charged afresh.
         """
-        if self.locked_since and expire and now - self.locked_since >= expire:
+        if self.lock_ran_out(expire, now):
             return False
         return bool(self.locked_since) or self.strikes >= max_bad
 
@@ -178,7 +182,7 @@ def keeper(cfg, now: int):
             return True
         entry = Entry(value)
         if entry.locked_since:
-            return not cfg.lockout_expire or now - entry.locked_since < cfg.lockout_expire
+            return not entry.lock_ran_out(cfg.lockout_expire, now)
         return now - entry.last_seen <= cfg.strike_expire
     return keep
 

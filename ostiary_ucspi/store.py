@@ -68,9 +68,7 @@ def check_cdb(data: mmap, name: str) -> tuple[int, ...]:
 
     Returns the header: 256 (position, slots) pairs, flattened.
     """
-    size = len(data)
-    if size < EMPTY_CDB_LEN:
-        raise StoreCorrupt(f"{name}: too short to be a CDB ({size} bytes)")
+    size = len(data)  # at least EMPTY_CDB_LEN: Store._map refuses less
     header = unpack_from("<512I", data)
     starts = header[0::2]
     ends = [start + 8 * slots for start, slots in zip(starts, header[1::2])]
@@ -206,8 +204,8 @@ class Store:
         self.journal = path + ".journal"
         self.keep = keep
 
-    def _open(self, path: str) -> tuple[int, int] | None:
-        """Open a store file for reading; return (descriptor, size), None if it does not exist."""
+    def _open(self, path: str) -> "tuple[int, os.stat_result] | None":
+        """Open a store file for reading; return (descriptor, its stat), None if it does not exist."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not hang us
         except FileNotFoundError:
@@ -225,7 +223,7 @@ class Store:
         if st.st_size > MAX_FILE:
             os.close(fd)
             raise StoreCorrupt(f"{path}: larger than any store this program writes")
-        return fd, st.st_size
+        return fd, st
 
     def _read(self, path: str) -> bytes | None:
         """Return the content of ``path``, None if it does not exist."""
@@ -243,11 +241,10 @@ class Store:
         opened = self._open(self.path)
         if opened is None:
             return None
-        fd, size = opened
+        fd, st = opened
         try:
-            if size < EMPTY_CDB_LEN:
-                raise StoreCorrupt(f"{self.path}: too short to be a CDB ({size} bytes)")
-            st = os.fstat(fd)
+            if st.st_size < EMPTY_CDB_LEN:
+                raise StoreCorrupt(f"{self.path}: too short to be a CDB ({st.st_size} bytes)")
             return mmap(fd, 0, access=ACCESS_READ), (st.st_dev, st.st_ino)
         except OSError as e:
             raise StoreError(f"unable to read {self.path}: {e.strerror}") from None
@@ -353,13 +350,16 @@ class Lock:
 
     def __enter__(self) -> "Lock":
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:  # the first writer creates it, for the directory's owner
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                give_to_owner(self.fd, self.path)
         except FileNotFoundError:
             raise StoreError(f"state directory {os.path.dirname(self.path)} does not exist") from None
         except OSError as e:
             raise StoreError(f"unable to open {self.path}: {e.strerror}") from None
         try:
-            give_to_owner(self.fd, self.path)
             flock(self.fd, LOCK_EX)
         except OSError as e:
             os.close(self.fd)
@@ -475,11 +475,11 @@ class Transaction:
                         raise StoreError(f"short write to {jpath}")
                     if self.durable:
                         os.fdatasync(fd)
-                    size = os.fstat(fd).st_size
                 finally:
                     os.close(fd)
             except OSError as e:
                 raise StoreError(f"unable to append to {jpath}: {e.strerror}") from None
+            size = journal.end + len(lines)  # we hold the lock: nobody else appended
         else:  # a crash left no journal of this generation, or an unfinished tail
             head = MAGIC + b"%d\n" % view.gen if journal is None else journal.data[:journal.end]
             size = self._write_journal(head + journal_lines(self.pending, zlib.crc32(head)))

@@ -513,15 +513,20 @@ def passphrase_fd(text: bytes) -> int:
     return rfd
 
 
+def knock_fake_name() -> int:
+    """Run the client on knock.test:7050 (see fake_addresses), passphrase 'pw' on a pipe."""
+    fd = passphrase_fd(b"pw\n")
+    try:
+        return client.main(["ostiary-client", "-a", "knock.test:7050", "-f", str(fd)])
+    finally:
+        os.close(fd)
+
+
 def test_tries_each_address_in_turn(serve, monkeypatch, capsys):
     srv = serve()
     dead = free_port()
     fake_addresses(monkeypatch, [dead, srv.port])
-    fd = passphrase_fd(b"pw\n")
-    try:
-        rc = client.main(["ostiary-client", "-a", "knock.test:7050", "-f", str(fd)])
-    finally:
-        os.close(fd)
+    rc = knock_fake_name()
     assert rc == 0, capsys.readouterr().err
     assert srv.answered() == [response(b"pw", srv.salt)]
 
@@ -529,11 +534,7 @@ def test_tries_each_address_in_turn(serve, monkeypatch, capsys):
 def test_every_address_failing_is_reported_in_one_line(monkeypatch, capsys):
     dead1, dead2 = free_port(), free_port()
     fake_addresses(monkeypatch, [dead1, dead2])
-    fd = passphrase_fd(b"pw\n")
-    try:
-        rc = client.main(["ostiary-client", "-a", "knock.test:7050", "-f", str(fd)])
-    finally:
-        os.close(fd)
+    rc = knock_fake_name()
     err = capsys.readouterr().err
     assert rc == client.EXIT_REFUSED
     assert err.count("\n") == 1
@@ -557,11 +558,7 @@ def test_other_connect_errors_and_the_last_address_decides(monkeypatch, capsys):
         return (real if len(made) == 1 else UnreachableSocket)(*args)
 
     monkeypatch.setattr(client.socket, "socket", second_unreachable)
-    fd = passphrase_fd(b"pw\n")
-    try:
-        rc = client.main(["ostiary-client", "-a", "knock.test:7050", "-f", str(fd)])
-    finally:
-        os.close(fd)
+    rc = knock_fake_name()
     err = capsys.readouterr().err
     assert rc == client.EXIT_CONNECT
     assert "127.0.0.1: connection refused; 127.0.0.1: Network is unreachable" in err

@@ -104,7 +104,7 @@ def setup(py: str, work: str) -> str:
                 "MIN_LOGLEVEL=LOG_ERR\n")
     lock = ("import sys, time\n"
             "from ostiary_ucspi.store import Store\n"
-            "from ostiary_ucspi.lockout import Entry\n"
+            "from ostiary_ucspi.policy import Entry\n"
             "e = Entry(); e.strikes = e.errors = 3; e.locked_since = e.last_seen = int(time.time())\n"
             "with Store(sys.argv[1]).lock() as tx:\n"
             "    tx.put(b'127.0.0.2', e.encode())\n")

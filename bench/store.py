@@ -37,7 +37,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ostiary_ucspi.config import parse  # noqa: E402
-from ostiary_ucspi.lockout import Entry, charge, keeper, refusal, succeed  # noqa: E402
+from ostiary_ucspi.policy import Entry, charge, keeper, refusal, succeed  # noqa: E402
 from ostiary_ucspi.store import Store, journal_threshold  # noqa: E402
 
 MS = 1e-6  # nanoseconds to milliseconds

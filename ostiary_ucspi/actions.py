@@ -85,6 +85,35 @@ def check_file(path: str, uid: int) -> None:
         raise ActionRefused(f"{path} is not executable")
 
 
+def default_signals() -> None:
+    """Every signal at its default disposition and none blocked, as execve should pass on.
+
+    Python ignores SIGPIPE and SIGXFSZ, and a server started with ``nohup`` or
+    ``&`` ignores SIGHUP, SIGINT or SIGQUIT: an action must inherit none of it.
+    """
+    from .cpython import NSIG, SIG_DFL, SIG_SETMASK, pthread_sigmask, signal
+
+    for n in range(1, NSIG):
+        try:
+            signal(n, SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL, SIGSTOP, the C library's own
+            pass
+    pthread_sigmask(SIG_SETMASK, ())
+
+
+def prepare(ids: "tuple[int | None, int | None]", command: str, undo: str | None) -> tuple[int, int]:
+    """Return the (uid, gid) an action runs as, its command and undo checked; raise ActionRefused.
+
+    ``ids`` is what the config asks for (Config.ids). The handler calls this
+    before every run, ``--check`` before the service starts.
+    """
+    uid, gid = resolve_ids(*ids)
+    check_file(command, uid)
+    if undo:
+        check_file(undo, uid)
+    return uid, gid
+
+
 def run(path: str, ip: str, uid: int, gid: int, log: logmod.Log) -> int:
     """Run ``path ip`` as uid/gid, logging its output; return its wait status."""
     rfd, wfd = os.pipe()
@@ -96,9 +125,7 @@ def run(path: str, ip: str, uid: int, gid: int, log: logmod.Log) -> int:
             os.dup2(wfd, 1)
             os.dup2(wfd, 2)
             os.closerange(3, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))  # however high inherited
-            from _signal import SIG_DFL, SIGPIPE, SIGXFSZ, signal
-            signal(SIGPIPE, SIG_DFL)  # Python ignores these; execve would pass that on
-            signal(SIGXFSZ, SIG_DFL)
+            default_signals()
             if os.getuid() == 0:
                 os.setgroups([])
                 os.setgid(gid)

@@ -10,7 +10,7 @@ import os
 import stat
 import sys
 
-from .actions import ActionRefused, check_file, resolve_ids
+from .actions import ActionRefused, prepare, resolve_ids
 from .config import Config, ConfigError, load
 
 MIN_SECRET = 12
@@ -33,9 +33,7 @@ def problems(cfg: Config) -> tuple[list[str], list[str]]:
         if what != "lockout action" and len(a.secret) < MIN_SECRET:
             warnings.append(f"{name}:{a.line}: passphrase is shorter than {MIN_SECRET} characters")
         try:
-            uid, _ = resolve_ids(*cfg.ids(a))
-            for path in (a.command, a.undo) if a.undo else (a.command,):
-                check_file(path, uid)
+            prepare(cfg.ids(a), a.command, a.undo)
         except ActionRefused as e:
             errors.append(f"{name}:{a.line}: {what}: {e}")
     db_dir = os.path.dirname(cfg.lockout_db)

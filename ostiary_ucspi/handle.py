@@ -8,15 +8,16 @@ The client gets the 32-byte salt and nothing else, ever. Exit status: 0 the
 connection was handled (whatever the client proved), 100 usage, 111 a
 configuration, address or lockout-store problem (the client got nothing).
 """
-import errno
 import os
 import sys
 import time
 
 from . import log as logmod
+from .address import parse as parse_address
 from .config import DEFAULT_PATH, Config, ConfigError, load
-from .lockout import address_key, charge, fail, keeper, refusal, stale_charge, stop, succeed
+from .policy import charge, fail, keeper, refusal, stale_charge, stop, succeed
 from .store import Store, StoreCorrupt, StoreError
+from .supervise import take_down
 
 USAGE = "usage: ostiary-handle [-c FILE] [--check]"
 LIMIT = 32  # never read more than a response's length
@@ -44,7 +45,7 @@ def peer_address() -> str | None:
     ip = os.environ.get("TCPREMOTEIP")
     if ip:
         return ip
-    from _socket import socket  # the C core: socket.py would cost an enum import
+    from .cpython import socket
 
     try:
         s = socket(fileno=0)
@@ -95,51 +96,18 @@ def exchange(salt: bytes, timeout: int) -> tuple[bytes, str]:
     return got, ""
 
 
-def svc_down(log: logmod.Log) -> None:
-    """Under daemontools or runit ($OSTIARY_SERVICE), mark the service down and stop it.
-
-    What ``svc -d`` does, without trusting svc's exit status (0 even when it
-    cannot reach supervise): write ``d`` to supervise/control, a FIFO that
-    only a running supervise (or runsv) holds open for reading.
-    """
-    service = os.environ.get("OSTIARY_SERVICE")
-    if not service:
-        return
-    try:
-        open(os.path.join(service, "down"), "a").close()
-    except OSError as e:
-        log(logmod.ERR, f"unable to create {service}/down: {e.strerror}")
-    control = os.path.join(service, "supervise", "control")
-    try:
-        fd = os.open(control, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as e:
-        why = "supervise is not running" if e.errno == errno.ENXIO else e.strerror
-        log(logmod.ERR, f"unable to take {service} down: {control}: {why}")
-        return
-    try:
-        os.write(fd, b"d")
-    except OSError as e:
-        log(logmod.ERR, f"unable to take {service} down: {control}: {e.strerror}")
-        return
-    finally:
-        os.close(fd)
-    log(logmod.NOTICE, f"{service}: supervise told to take the service down (svc -d)")
-
-
 def start(cfg: Config, action, what: str, ip: str, log: logmod.Log) -> None:
     """Start ``action`` (and its undo) for ``ip`` in a detached runner."""
-    from .actions import ActionRefused, check_file, resolve_ids, spawn
+    from .actions import ActionRefused, prepare, spawn
 
     try:
-        uid, gid = resolve_ids(*cfg.ids(action))
-        check_file(action.command, uid)
-        jobs = [(what, action.command, 0)]
-        if action.undo:
-            check_file(action.undo, uid)
-            jobs.append(("undo", action.undo, action.undo_delay))
+        uid, gid = prepare(cfg.ids(action), action.command, action.undo)
     except ActionRefused as e:
         log(logmod.ERR, f"{ip} {what} {action.command} refused: {e}")
         return
+    jobs = [(what, action.command, 0)]
+    if action.undo:
+        jobs.append(("undo", action.undo, action.undo_delay))
     log(logmod.NOTICE, f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"
         + (f", undo in {action.undo_delay}s" if action.undo else ""))
     spawn(jobs, ip, uid, gid, log)
@@ -153,13 +121,11 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         log(logmod.ERR, "no client address (no TCPREMOTEIP, descriptor 0 is not a socket): closed")
         return 111
     try:
-        key = address_key(ip, cfg.ipv6_prefix)
+        ip, key = parse_address(ip, cfg.ipv6_prefix)  # from here on only the canonical form
     except ValueError as e:
         hangup(inetd)
         log(logmod.ERR, f"{e}: closed")
         return 111
-    if ":" in ip and b":" not in key:
-        ip = key.decode()  # IPv4-mapped IPv6: actions and logs get the dotted quad
     now = int(time.time())
     store = Store(cfg.lockout_db, keep=keeper(cfg, now))
     try:
@@ -191,7 +157,7 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
         log(logmod.INFO, f"{ip} closed at once: {why}")
         if stopped_now:
             log(logmod.ALERT, f"service stopped: {stopped_now}")
-            svc_down(log)
+            take_down(log)
         if stale_charge(view, key, cfg, now):
             finish_failure(cfg, store, key, ip, log, "its last attempt never finished")
         return 0
@@ -213,7 +179,7 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
             with store.lock() as tx:
                 stop(tx, now, f"KILL from {ip}")
         finally:  # even when the store cannot record it, supervise can stop the service
-            svc_down(log)
+            take_down(log)
     else:
         succeed(store, key)
         start(cfg, cfg.actions[found - 1], f"action {found}", ip, log)
@@ -234,7 +200,7 @@ def finish_failure(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.L
     if stop_reason:
         log(logmod.ALERT,
             f"service stopped: {stop_reason}")
-        svc_down(log)
+        take_down(log)
 
 
 def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
@@ -258,7 +224,7 @@ def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
         log(logmod.FATAL, str(e))
         return 111
     log.level = cfg.min_loglevel
-    from _signal import alarm
+    from .cpython import alarm
 
     alarm(cfg.comm_timeout + cfg.delay + 30)  # a backstop: nothing may hang the handler
     try:

@@ -5,24 +5,14 @@ Pure functions only; the handler and the client do the I/O.
 The handler starts once per connection, and importing ``hmac`` loads
 OpenSSL's libcrypto through ``_hashlib``: about 3.5 MB and 2-3 ms, more than
 the rest of the handler together. So this module builds HMAC (RFC 2104) on
-CPython's own SHA-256, as ``hmac.HMAC`` itself does when handed a hash
-constructor, and compares with ``_operator._compare_digest``, the
-constant-time routine that is ``hmac.compare_digest`` in a build without
-OpenSSL. tests/test_protocol.py holds both to the RFC 4231 vectors, to
-``hmac.new`` and to ``hmac.compare_digest``.
+CPython's own SHA-256 (see :mod:`.cpython`), as ``hmac.HMAC`` itself does when
+handed a hash constructor, and compares with the constant-time routine that is
+``hmac.compare_digest``. tests/test_protocol.py holds both to the RFC 4231
+vectors, to ``hmac.new`` and to ``hmac.compare_digest``.
 """
 import os
-import sys
 
-from _operator import _compare_digest as compare_digest
-
-try:
-    if sys.version_info >= (3, 12):
-        from _sha2 import sha256
-    else:
-        from _sha256 import sha256
-except ImportError:  # a build without CPython's own SHA-256 (some FIPS builds)
-    from hashlib import sha256
+from .cpython import compare_digest, sha256
 
 SALT_LEN = 32
 RESPONSE_LEN = 32

@@ -38,6 +38,8 @@ from struct import unpack_from
 
 from cdblib import Reader
 
+from .cdb import HEADER_LEN, CdbError, check_header
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable
@@ -52,7 +54,6 @@ MIN_JOURNAL = 16 * 1024
 MAX_JOURNAL = 128 * 1024
 JOURNAL_SHARE = 16  # the journal may grow to this fraction of the snapshot
 MAX_FILE = 1 << 30
-EMPTY_CDB_LEN = 2048
 
 
 class StoreError(Exception):
@@ -63,24 +64,8 @@ class StoreCorrupt(StoreError):
     """A store file does not parse: fail closed."""
 
 
-def check_cdb(data: mmap, name: str) -> tuple[int, ...]:
-    """Check a CDB's header against its size (its 256 tables must tile its end).
-
-    Returns the header: 256 (position, slots) pairs, flattened.
-    """
-    size = len(data)  # at least EMPTY_CDB_LEN: Store._map refuses less
-    header = unpack_from("<512I", data)
-    starts = header[0::2]
-    ends = [start + 8 * slots for start, slots in zip(starts, header[1::2])]
-    if starts[0] < EMPTY_CDB_LEN or list(starts[1:]) != ends[:-1]:
-        raise StoreCorrupt(f"{name}: bad CDB header")
-    if ends[-1] != size:
-        raise StoreCorrupt(f"{name}: CDB size does not match its header")
-    return header
-
-
 class Snapshot(Reader):
-    """pure-cdb's Reader over a mapped CDB, built from the header check_cdb returned.
+    """pure-cdb's Reader over a mapped CDB, built from the header check_header returned.
 
     pure-cdb's own constructor parses those 2 KiB again, slice by slice:
     that took more time than the lookup itself.
@@ -243,7 +228,7 @@ class Store:
             return None
         fd, st = opened
         try:
-            if st.st_size < EMPTY_CDB_LEN:
+            if st.st_size < HEADER_LEN:
                 raise StoreCorrupt(f"{self.path}: too short to be a CDB ({st.st_size} bytes)")
             return mmap(fd, 0, access=ACCESS_READ), (st.st_dev, st.st_ino)
         except OSError as e:
@@ -263,7 +248,10 @@ class Store:
                     raise StoreError(f"state directory {d} does not exist")
                 return None
             data, identity = mapped
-            reader = Snapshot(data, check_cdb(data, self.path))
+            try:
+                reader = Snapshot(data, check_header(data))
+            except CdbError as e:
+                raise StoreCorrupt(f"{self.path}: {e}") from None
             gen_raw = reader.get(GEN_KEY)
             if gen_raw is None or not gen_raw.isdigit():
                 raise StoreCorrupt(f"{self.path}: no generation record")
@@ -503,7 +491,7 @@ class Transaction:
 
     def _write_snapshot(self, items: dict[bytes, bytes], gen: int) -> None:
         records = [(GEN_KEY, b"%d" % gen), *items.items()]
-        from .cdbmake import write_cdb  # compaction only: not on every connection's path
+        from .cdb import write_cdb
 
         replace(self.store.path, lambda f: write_cdb(f, records))
         self._write_journal(MAGIC + b"%d\n" % gen)

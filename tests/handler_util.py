@@ -370,7 +370,7 @@ class Rig:
 
     def entry(self, key: bytes = b"127.0.0.1"):
         """The lockout record of ``key`` (zeros when absent)."""
-        from ostiary_ucspi.lockout import Entry
+        from ostiary_ucspi.policy import Entry
         view = self.store_view()
         return Entry(None if view is None else view.get(key))
 

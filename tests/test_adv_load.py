@@ -23,7 +23,7 @@ import pytest
 from adv_util import (SALT_LEN, SECRETS, TRACEBACK, Server, Site, connect, descriptors, figure,
                       handlers_alive, recv_exact, response, wait_for, zombies)
 from conftest import read_to_eof
-from ostiary_ucspi.lockout import ERRORS, Entry
+from ostiary_ucspi.policy import ERRORS, Entry
 
 COMM_TIMEOUT, DELAY, MAX_BAD = 1, 0, 3
 MIX = {"valid": 200, "wrong": 150, "silent": 50, "slow": 40}

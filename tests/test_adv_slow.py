@@ -15,7 +15,7 @@ import pytest
 from adv_util import (SALT_LEN, SECRETS, Addresses, Server, Site, connect, figure, recv_exact,
                       response, wait_for)
 from conftest import read_to_eof
-from ostiary_ucspi.lockout import Entry
+from ostiary_ucspi.policy import Entry
 
 COMM_TIMEOUT, DELAY = 2, 1
 BOUND = COMM_TIMEOUT + DELAY + 1

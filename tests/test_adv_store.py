@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from adv_util import SALT_LEN, SECRETS, TOTALS, TRACEBACK, Site, figure, response
 from conftest import IN_CI, project_tool, read_to_eof
-from ostiary_ucspi.lockout import ERRORS, Entry
+from ostiary_ucspi.policy import ERRORS, Entry
 from ostiary_ucspi.store import Store
 
 NOBODY = 65534
@@ -54,7 +54,7 @@ def journal(site: Site) -> Path:
 AS_USER = """
 import grp, hashlib, hmac, ipaddress, json, os, pwd, select, sys, syslog, _signal, _socket
 import ostiary_ucspi.{module} as m
-from ostiary_ucspi import actions, check, config, lockout, log, protocol, store
+from ostiary_ucspi import actions, address, check, config, cpython, log, policy, protocol, store
 uid = int(sys.argv.pop(1))
 if uid >= 0:
     os.setgroups([])
@@ -119,7 +119,7 @@ def tool(site: Site, user: int | None = None) -> subprocess.CompletedProcess:
     """``ostiary-lockout -c CFG list`` (as ``user``)."""
     TALLY["tool runs"] += 1
     argv = ([project_tool("ostiary-lockout"), "-c", str(site.cfg), "list"] if user is None
-            else command("lockoutctl", user, "-c", str(site.cfg), "list"))
+            else command("admin.lockout", user, "-c", str(site.cfg), "list"))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30,
                           env={"PATH": os.environ["PATH"]})
     if "Traceback" in proc.stderr:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from adv_util import (KILL, SALT_LEN, SECRETS, TOTALS, TRACEBACK, Addresses, Server, Site, connect,
                       figure, recv_exact, reset, response, wait_for)
 from conftest import read_to_eof
-from ostiary_ucspi.lockout import Entry
+from ostiary_ucspi.policy import Entry
 
 ACTIONS = list(SECRETS)
 COMM_TIMEOUT, DELAY = 1, 0

@@ -26,7 +26,7 @@ import pytest
 
 from conftest import ROOT, free_port, project_tool, require_tool, wait_for
 
-from ostiary_ucspi import conf
+from ostiary_ucspi.admin import conf
 from ostiary_ucspi.store import Store
 
 ACTION_SECRET = b"deploy-test-action-passphrase"
@@ -173,11 +173,6 @@ def test_shipped_env_reads_through_envdir():
     env = dict(line.split("=", 1) for line in out.splitlines())
     assert env == {"IP": "0", "PORT": "7050", "CONFIG": "/etc/ostiary.cfg",
                    "CONCURRENCY": "10", "RULES": "", "ACCOUNT": "root"}
-
-
-def test_conf_tcprules_files_are_the_projects():
-    assert (ROOT / "tcprules" / "ostiary").read_text() == conf.RULES_FILE
-    assert (ROOT / "tcprules" / "Makefile").read_text() == conf.MAKEFILE
 
 
 # ---------------------------------------------------------------- ostiary-conf

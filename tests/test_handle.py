@@ -17,7 +17,7 @@ from conftest import project_tool
 from handler_util import (KILL, OPEN, SALT_LEN, Rig, TcpServer, read_to_eof, response,
                           rig, tcp_pair, wait_for)
 from ostiary_ucspi import protocol
-from ostiary_ucspi.lockout import STOPPED, Entry
+from ostiary_ucspi.policy import STOPPED, Entry
 from ostiary_ucspi.store import Store
 
 assert rig  # a fixture, used by name

@@ -11,8 +11,9 @@ import pytest
 from conftest import project_tool
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.config import load
-from ostiary_ucspi.lockout import ERRORS, STOPPED, Entry, address_key, charge, fail, refusal, stop
-from ostiary_ucspi.lockoutctl import PROG, main
+from ostiary_ucspi.address import key as address_key
+from ostiary_ucspi.policy import ERRORS, STOPPED, Entry, charge, fail, refusal, stop
+from ostiary_ucspi.admin.lockout import PROG, main
 from ostiary_ucspi.store import Store
 
 NOW = int(time.time())

@@ -18,7 +18,8 @@ from cdblib import Reader
 
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.config import parse
-from ostiary_ucspi.lockout import (ERRORS, STOPPED, Entry, address_key, charge, fail, keeper,
+from ostiary_ucspi.address import key as address_key
+from ostiary_ucspi.policy import (ERRORS, STOPPED, Entry, charge, fail, keeper,
                                    refusal, stop, succeed)
 from ostiary_ucspi.store import Store, StoreCorrupt, StoreError, journal_lines
 

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import project_tool, require_tool
-from ostiary_ucspi import rules
-from ostiary_ucspi.tcprules import Fatal, parse_rules, write_cdb
+from ostiary_ucspi.ucspi import rules
+from ostiary_ucspi.cdb import write_cdb
+from ostiary_ucspi.ucspi.tcprules import Fatal, parse_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import project_tool, require_tool
-from ostiary_ucspi import dns, tcpserver
+from ostiary_ucspi.ucspi import dns, tcpserver
 
 DNS_IP = "127.83.0.53"      # the fake DNS server
 CLIENT = "127.113.0.2"      # PTR client-host.example (A matches); identd: USERID "joe user"

@@ -6,8 +6,8 @@ toward MAX_BAD_CONNS and a success clears it; ``errors`` counts toward
 MAX_SINGLE_ERRS: a success takes back its own charge, ``revive`` clears it,
 and it goes with the record when compaction expires the strikes. ``!errors``
 holds the total for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once
-KILL or an error threshold stopped the service. IPv6 addresses are counted
-per prefix.
+KILL or an error threshold stopped the service. Keys come from
+:mod:`.address` (IPv6 is counted per prefix).
 """
 from .store import Store, StoreCorrupt, Transaction, View
 
@@ -47,28 +47,6 @@ class Entry:
         if self.lock_ran_out(expire, now):
             return False
         return bool(self.locked_since) or self.strikes >= max_bad
-
-
-def address_key(ip: str, v6_prefix: int = 64) -> bytes:
-    """Return the store key for ``ip``: the IPv4 address, or the IPv6 prefix.
-
-    Raises ValueError for anything that is not an IP address.
-    """
-    if ip.count(".") == 3 and ":" not in ip:
-        parts = ip.split(".")
-        if all(p.isdigit() and p.isascii() and len(p) <= 3 and int(p) < 256 for p in parts):
-            return ".".join(str(int(p)) for p in parts).encode()
-        raise ValueError(f"not an IP address: {ip!r}")
-    from _socket import AF_INET6, inet_ntop, inet_pton  # the C core; socket.py costs an enum import
-
-    try:
-        packed = inet_pton(AF_INET6, ip.split("%", 1)[0])
-    except (OSError, ValueError):
-        raise ValueError(f"not an IP address: {ip!r}") from None
-    if packed[:12] == b"\0" * 10 + b"\xff\xff":
-        return ".".join(str(b) for b in packed[12:]).encode()
-    n = int.from_bytes(packed, "big") >> (128 - v6_prefix) << (128 - v6_prefix)
-    return b"%s/%d" % (inet_ntop(AF_INET6, n.to_bytes(16, "big")).encode(), v6_prefix)
 
 
 def refusal(view: View | Transaction | None, key: bytes, max_bad: int, expire: int = 0,

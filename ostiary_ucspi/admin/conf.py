@@ -39,165 +39,22 @@ DEFAULT_PORT = "7050"
 DEFAULT_CONCURRENCY = "10"
 SHIPPED_LOGACCOUNT = "ostiarylog"  # what the project's service/ostiary/log/run names
 
-RUN = """\
-#!/bin/sh
-# ostiary under daemontools (or runit): tcpserver listens, and runs
-# ostiary-handle once per connection. Settings: one file each in ./env, the
-# first line is the value (see the comments in each file).
-exec 2>&1
-exec envdir ./env sh -c '
-fatal() {
-  echo "run: fatal: $*: not serving (next try in 5 seconds)"
-  sleep 5
-  exit 111
-}
-[ -n "${IP:-}" ] || fatal "env/IP is missing or empty"
-[ -n "${PORT:-}" ] || fatal "env/PORT is missing or empty"
-[ -n "${CONFIG:-}" ] || fatal "env/CONFIG is missing or empty"
-[ -n "${CONCURRENCY:-}" ] || fatal "env/CONCURRENCY is missing or empty"
-ACCOUNT=${ACCOUNT:-root}
-# For KILL: ostiary-handle creates $OSTIARY_SERVICE/down and tells supervise to stop.
-OSTIARY_SERVICE=$PWD
-export OSTIARY_SERVICE
-
-if [ "$ACCOUNT" = root ]; then set --; else set -- setuidgid "$ACCOUNT"; fi
-"$@" ostiary-handle --check -c "$CONFIG" || fatal "$CONFIG does not pass ostiary-handle --check"
-
-if command -v tcpserver >/dev/null; then server=tcpserver; else server=ostiary-tcpserver; fi
-set -- "$server" -v -HRl0 -c "$CONCURRENCY"
-if [ -n "${RULES:-}" ]; then set -- "$@" -x "$RULES"; fi
-if [ "$ACCOUNT" != root ]; then set -- envuidgid "$ACCOUNT" "$@" -U; fi
-exec "$@" "$IP" "$PORT" ostiary-handle -c "$CONFIG"
-'
-"""
-
-LOG_RUN = """\
-#!/bin/sh
-# ostiary's log: multilog stamps each line (TAI64N; read with tai64nlocal)
-# and keeps ./main/current plus up to 19 old files of 1 MB each.
-# It runs as the log account, the owner of ./main, when that account exists.
-account={logaccount}
-if id "$account" >/dev/null 2>&1; then
-  exec setuidgid "$account" multilog t s1000000 n20 ./main
-fi
-exec multilog t s1000000 n20 ./main
-"""
-
-ENV = {
-    "IP": """\
-{ip}
-# IP: the address tcpserver listens on. 0 means every IPv4 address of this
-# host, which a knock port needs: it must be reachable from wherever you knock
-# (127.0.0.1 would only serve this machine). Put one address here to listen
-# on one interface only, e.g. the public one.
-""",
-    "PORT": """\
-{port}
-# PORT: the TCP port to listen on. Ostiary has no standard port; 7050 is this
-# project's example. ostiary-client needs it: ostiary-client -a host:PORT
-""",
-    "CONFIG": """\
-{config}
-# CONFIG: the absolute path of ostiary.cfg (mode 600: it holds the passphrases).
-# Checked with ostiary-handle --check before tcpserver starts; read again by
-# ostiary-handle for every connection, so edits take effect at once.
-""",
-    "CONCURRENCY": """\
-{concurrency}
-# CONCURRENCY: at most this many connections are handled at once (tcpserver
-# -c). Each handler stays DELAY seconds (ostiary.cfg) after its exchange, so
-# at most CONCURRENCY/DELAY knocks a second get an answer; the rest wait.
-""",
-    "RULES": """\
-{rules}
-# RULES: a tcprules CDB for tcpserver -x; an empty first line means none.
-# Denied addresses are dropped before ostiary-handle runs. ostiary-conf keeps
-# the rules in tcprules/ here: edit tcprules/ostiary, then run make there;
-# tcpserver reads the new CDB at the next connection.
-""",
-    "ACCOUNT": """\
-{account}
-# ACCOUNT: the account ostiary-handle runs as. root lets actions run as root
-# (firewall scripts), each action as its own uid/gid (DEFAULT_UID, else
-# nobody). Another account needs CONFIG and the LOCKOUT_DB directory as its
-# own, write access to this directory (for down), and supervise/control as its
-# own (for svc -d): ostiary-conf sets that up.
-""",
-    "PATH": """\
+# env/PATH is the only file ostiary-conf writes that service/ostiary lacks:
+# the shipped directory inherits svscan's PATH.
+PATH_FILE = """\
 {path}
 # PATH: where run, tcpserver and ostiary-handle find their programs
 # (ostiary-handle, tcpserver, envdir, setuidgid, envuidgid, svc).
-""",
-}
-
-# The same files as the project's tcprules/ (tests check that they agree).
-RULES_FILE = """\
-# tcpserver rules for the Ostiary knock port.
-#
-# Compile with `make` in this directory (or by hand:
-#   tcprules ostiary.cdb ostiary.tmp < ostiary
-# ostiary-tcprules takes the same arguments), then run
-#   tcpserver -x /etc/tcp/ostiary.cdb ...
-# Format: tcprules(1). One rule a line, no spaces: ADDRESS:allow or ADDRESS:deny,
-# optionally followed by ,VAR="value" items. Lines starting with # are comments.
-#
-# tcpserver picks ONE rule per connection, the most specific that exists, in
-# this order: ident@ip, ident@=host, the exact ip, =host, ip prefixes ending in
-# a dot (longest first), =.domain suffixes, =, and last the empty address.
-# The order of the lines below does not matter, except that when the same
-# address appears twice, the first line wins.
-
-# The machine itself, for tests and for local scripts.
-127.0.0.1:allow
-127.:allow
-
-# A network the admin works from (192.0.2.0/24 is a documentation range:
-# replace it with your own office or VPN addresses).
-192.0.2.:allow
-
-# A network that has no business knocking (198.51.100.0/24 is a
-# documentation range too). tcpserver drops these connections before
-# ostiary-handle even starts, so they cost nothing and never reach the lockout.
-198.51.100.:deny
-
-# Ranges expand to one rule per address: 203.0.113.10 to 203.0.113.20.
-203.0.113.10-20:deny
-
-# Default: allow.
-# A knock port exists so that the admin can open the door from wherever they
-# happen to be: a hotel, a phone, a friend's network. Their address is not
-# known in advance, so denying by default would lock the admin out exactly when
-# the knock is needed. The passphrase (HMAC challenge/response) is the real
-# gate, and the lockout stops guessing; these rules only shed known-bad
-# networks early. If every client comes from fixed addresses, deny by default
-# instead: list those addresses above with :allow, and replace the line below
-# with
-#   :deny
-:allow
 """
+ENV_NAMES = ("IP", "PORT", "CONFIG", "CONCURRENCY", "RULES", "ACCOUNT")
 
-MAKEFILE = """\
-# Rebuilds ostiary.cdb from the rules in ostiary, only when they changed:
-#   make            compile with tcprules if installed, else ostiary-tcprules
-#   make TCPRULES=ostiary-tcprules    choose the compiler
-#   make clean      remove ostiary.cdb (tcpserver -x then drops every connection)
-# Both compilers write the same bytes and replace ostiary.cdb atomically.
 
-.POSIX:
+def skel(package: str, name: str) -> str:
+    """Return a file of the shipped service/ or tcprules/ (package data)."""
+    from importlib.resources import files
 
-all: ostiary.cdb
+    return files(f"ostiary_ucspi.skel.{package}").joinpath(name).read_text()
 
-ostiary.cdb: ostiary
-\t@tcprules='$(TCPRULES)'; \\
-\tif [ -z "$$tcprules" ]; then \\
-\t\ttcprules=`command -v tcprules || echo ostiary-tcprules`; \\
-\tfi; \\
-\techo "$$tcprules ostiary.cdb ostiary.tmp < ostiary"; \\
-\t"$$tcprules" ostiary.cdb ostiary.tmp < ostiary
-
-clean:
-\trm -f ostiary.cdb ostiary.tmp
-"""
 
 SKELETON = """\
 # {config}: written by ostiary-conf for {dir}.
@@ -230,14 +87,21 @@ def service_files(account: str, logaccount: str, config: str, ip: str, port: str
                   rules: str, path: str | None) -> dict[str, str]:
     """Return {relative path: text} of a service directory's run scripts and env files.
 
-    ``path`` None leaves env/PATH out (run inherits svscan's PATH).
+    The shipped service/ostiary with this directory's values: each env file's
+    first line, log/run's account. ``path`` None leaves env/PATH out (run
+    inherits svscan's PATH).
     """
-    values = {"ip": ip, "port": port, "config": config, "concurrency": DEFAULT_CONCURRENCY,
-              "rules": rules, "account": account, "path": path}
-    files = {"run": RUN, "log/run": LOG_RUN.format(logaccount=logaccount)}
-    for name, text in ENV.items():
-        if name != "PATH" or path is not None:
-            files[f"env/{name}"] = text.format(**values)
+    values = {"IP": ip, "PORT": port, "CONFIG": config, "CONCURRENCY": DEFAULT_CONCURRENCY,
+              "RULES": rules, "ACCOUNT": account}
+    log_run = skel("service", "ostiary/log/run")
+    shipped = f"account={SHIPPED_LOGACCOUNT}\n"
+    files = {"run": skel("service", "ostiary/run"),
+             "log/run": log_run.replace(shipped, f"account={logaccount}\n", 1)}
+    for name in ENV_NAMES:
+        comment = skel("service", f"ostiary/env/{name}").partition("\n")[2]
+        files[f"env/{name}"] = f"{values[name]}\n{comment}"
+    if path is not None:
+        files["env/PATH"] = PATH_FILE.format(path=path)
     return files
 
 
@@ -292,8 +156,8 @@ def make_dir(path: str, mode: int, uid: int = -1, gid: int = -1) -> None:
 
 def compile_rules(directory: str) -> None:
     """Compile directory/ostiary into directory/ostiary.cdb, as its Makefile does."""
-    from .cdbmake import write_cdb
-    from .tcprules import parse_rules
+    from ..cdb import write_cdb
+    from ..ucspi.tcprules import parse_rules
 
     with open(os.path.join(directory, "ostiary"), "rb") as f:
         records = parse_rules(f.read())
@@ -319,8 +183,8 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
         make_dir(f"{target}/log/main", 0o755, loguser.pw_uid, loguser.pw_gid)
         make_dir(f"{target}/state", 0o700, user.pw_uid, user.pw_gid)
         make_dir(f"{target}/tcprules", 0o755)
-        write(f"{target}/tcprules/ostiary", RULES_FILE, 0o644)
-        write(f"{target}/tcprules/Makefile", MAKEFILE, 0o644)
+        write(f"{target}/tcprules/ostiary", skel("tcprules", "ostiary"), 0o644)
+        write(f"{target}/tcprules/Makefile", skel("tcprules", "Makefile"), 0o644)
         compile_rules(f"{target}/tcprules")
         if not root:
             # supervise keeps an existing supervise/control: the account may then svc -d.

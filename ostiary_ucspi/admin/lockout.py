@@ -28,9 +28,11 @@ import os
 import sys
 import time
 
-from .config import DEFAULT_PATH, Config, ConfigError, load
-from .lockout import ERRORS, STOPPED, Entry, address_key, keeper, lock, revive, unlock
-from .store import Store, StoreCorrupt, StoreError
+from ..config import DEFAULT_PATH, Config, ConfigError, load
+from ..address import key as address_key
+from ..policy import ERRORS, STOPPED, Entry, keeper, lock, revive, unlock
+from ..supervise import bring_up_advice
+from ..store import Store, StoreCorrupt, StoreError
 
 PROG = "ostiary-lockout"
 USAGE = f"""usage: {PROG} [-c FILE] COMMAND
@@ -214,12 +216,7 @@ def cmd_revive(store: Store, cfg: Config) -> None:
         return
     since, reason = parse_stopped(stopped)
     print(f"revived: stopped since {when(since)}: {reason}")
-    d = os.environ.get("OSTIARY_SERVICE")
-    if d:
-        print(f"the service was also taken down; bring it up: rm {d}/down; svc -u {d}")
-    else:
-        print("under daemontools or runit the service was also taken down; bring it up: "
-              "rm SERVICEDIR/down; svc -u SERVICEDIR")
+    print(bring_up_advice())
 
 
 def cmd_prune(store: Store) -> None:

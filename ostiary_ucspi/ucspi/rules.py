@@ -30,7 +30,7 @@ import struct
 
 from cdblib import Reader
 
-_HEADER = 2048  # 256 (position, length) pairs of 4 bytes each
+from ..cdb import CdbError, check_header
 
 
 class RulesError(Exception):
@@ -39,6 +39,11 @@ class RulesError(Exception):
 
 class RulesMissing(RulesError):
     """The rules CDB does not exist (tcpserver -X would allow the connection)."""
+
+
+def unmapped(ip: str) -> str:
+    """Return an IPv4-mapped IPv6 address as its IPv4 address, any other unchanged."""
+    return ip[7:] if ip[:7].lower() == "::ffff:" and "." in ip else ip
 
 
 def candidate_keys(ip: str, host: str | None = None, info: str | None = None) -> list[str]:
@@ -85,13 +90,10 @@ def _open(cdb_path: str) -> Reader:
         cls = RulesMissing if e.errno == errno.ENOENT else RulesError
         raise cls(f"unable to read {cdb_path}: {e.strerror}") from e
     try:
-        reader = Reader(data)
-    except (OSError, ValueError) as e:
-        raise RulesError(f"unable to read {cdb_path}: not a cdb file") from e
-    for pos, slots in reader.index:
-        if pos < _HEADER or pos + 8 * slots > len(data):
-            raise RulesError(f"unable to read {cdb_path}: truncated or corrupt cdb file")
-    return reader
+        check_header(data)
+    except CdbError as e:
+        raise RulesError(f"unable to read {cdb_path}: not a cdb file: {e}") from e
+    return Reader(data)
 
 
 def lookup(
@@ -103,8 +105,7 @@ def lookup(
     sets no variables), else (allowed, variables). Raises RulesMissing when the
     file does not exist and RulesError when it cannot be read or is corrupt.
     """
-    if ip[:7].lower() == "::ffff:" and "." in ip:
-        ip = ip[7:]
+    ip = unmapped(ip)
     reader = _open(cdb_path)
     try:
         for key in candidate_keys(ip, host, info):

@@ -56,6 +56,7 @@ import sys
 
 from .dns import dns_name, dns_servers, name_matches
 from .ident import remote_info
+from .rules import unmapped
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def safe(text: bytes | str | None) -> str:
     if text is None:
         return ""
     data = os.fsencode(text) if isinstance(text, str) else text
-    out = "".join("?" if b < 33 or b > 126 or b == 58 else chr(b) for b in data[:100])
+    out = "".join("?" if b < 33 or b > 126 or b in b":%" else chr(b) for b in data[:100])
     return out + "..." if len(data) >= 100 else out  # djb's loop stops at 100 either way
 
 
@@ -250,8 +251,9 @@ def split_address(address: tuple, family: int) -> tuple[str, int, bool, str]:
     if family != socket.AF_INET6:
         return ip, port, False, ""
     ip, _, interface = ip.partition("%")
-    if ip[:7].lower() == "::ffff:" and "." in ip:
-        return ip[7:], port, False, ""
+    plain = unmapped(ip)
+    if plain != ip:
+        return plain, port, False, ""
     return ip, port, True, interface
 
 

@@ -28,7 +28,7 @@ On any failure rules.cdb is left untouched.
 import os
 import sys
 
-from .cdbmake import write_cdb
+from ..cdb import write_cdb
 
 PROG = "ostiary-tcprules"
 

@@ -1,0 +1,72 @@
+"""CDB files: write them exactly as djb's cdbmake does, check a header before trusting it.
+
+Reading is pure-cdb's ``cdblib.Reader``. Writing is not ``cdblib.Writer``:
+pure-cdb 4 takes a hash-table slot whose hash is 0 for an empty one and can
+overwrite it, silently dropping a record (the key ``39.160.226.88`` hashes to
+0). Both tcprules CDBs and lockout snapshots are written and checked here: a
+leaf shared by the handler's store and the ucspi-tcp shim.
+"""
+import struct
+
+from cdblib import djb_hash
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs the handler's start-up an re and enum import
+    from typing import BinaryIO
+
+HEADER_LEN = 2048  # 256 (position, slots) pairs of 4 bytes each
+MAX_SIZE = 0xFFFFFFFF  # 32-bit positions
+_pair = struct.Struct("<LL").pack
+_header = struct.Struct("<512L").unpack_from
+
+
+class CdbError(ValueError):
+    """A CDB's header does not describe a CDB of its size."""
+
+
+def check_header(data: "bytes | memoryview | object") -> tuple[int, ...]:
+    """Check that the 256 hash tables tile the end of ``data``, as cdbmake lays them out.
+
+    Returns the header: 256 (position, slots) pairs, flattened. Raises
+    CdbError when ``data`` is too short, or a table starts before the
+    records' end or past the data.
+    """
+    size = len(data)  # type: ignore[arg-type]
+    if size < HEADER_LEN:
+        raise CdbError(f"too short to be a CDB ({size} bytes)")
+    header = _header(data)  # type: ignore[arg-type]
+    starts = header[0::2]
+    ends = [start + 8 * slots for start, slots in zip(starts, header[1::2])]
+    if starts[0] < HEADER_LEN or list(starts[1:]) != ends[:-1]:
+        raise CdbError("bad CDB header")
+    if ends[-1] != size:
+        raise CdbError("CDB size does not match its header")
+    return header
+
+
+def write_cdb(out: "BinaryIO", records: list[tuple[bytes, bytes]]) -> None:
+    """Write ``records`` to seekable ``out`` (same bytes as cdbmake for the same order)."""
+    if HEADER_LEN + sum(24 + len(k) + len(v) for k, v in records) > MAX_SIZE:
+        raise OSError("too large for a cdb (4 GB)")
+    out.write(b"\0" * HEADER_LEN)
+    position = HEADER_LEN
+    tables: list[list[tuple[int, int]]] = [[] for _ in range(256)]
+    for key, value in records:
+        out.write(_pair(len(key), len(value)) + key + value)
+        h = djb_hash(key)
+        tables[h & 255].append((h, position))
+        position += 8 + len(key) + len(value)
+    header = []
+    for entries in tables:
+        size = 2 * len(entries)
+        slots = [(0, 0)] * size
+        for h, where in entries:
+            i = (h >> 8) % size
+            while slots[i][1]:  # a record is never at position 0: the slot is taken
+                i = (i + 1) % size
+            slots[i] = (h, where)
+        header.append(_pair(position, size))
+        out.write(b"".join(_pair(*slot) for slot in slots))
+        position += 8 * size
+    out.seek(0)
+    out.write(b"".join(header))

@@ -20,7 +20,7 @@ def problems(cfg: Config) -> tuple[list[str], list[str]]:
     """Return (errors, warnings) about ``cfg`` beyond its syntax."""
     errors: list[str] = []
     warnings: list[str] = []
-    name = os.path.basename(cfg.path)
+    name = cfg.path
     st = os.stat(cfg.path)  # load() refused a world-writable one
     if st.st_mode & (stat.S_IROTH | stat.S_IRGRP):
         warnings.append(f"{name} is readable by others (chmod 600): it holds the passphrases")

@@ -2,7 +2,7 @@
 
 Line oriented ``KEY=value``; ``#`` starts a comment outside double quotes;
 strings are double-quoted and may contain ``\\"`` (and ``\\\\``). Every error
-is a :class:`ConfigError` that names the file and line.
+is a :class:`ConfigError` that names the file (as given) and line.
 
 Extensions to Ostiary 4.0 (all optional):
 
@@ -187,26 +187,25 @@ def parse_action(key: str, value: str, where: str, line: int) -> Action:
 
 def load(path: str) -> Config:
     """Read and validate ``path``; raise ConfigError on any problem (world-writable included)."""
-    name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
             world_writable = os.fstat(f.fileno()).st_mode & 0o002
             raw = f.read()
     except OSError as e:
-        raise ConfigError(f"{name}: unable to read: {e.strerror}") from None
+        raise ConfigError(f"unable to read {path}: {e.strerror}") from None
     if world_writable:
-        raise ConfigError(f"{name}: anyone may write to it (chmod 600): refusing it")
+        raise ConfigError(f"{path}: anyone may write to it (chmod 600): refusing it")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{name}:{line}: not valid UTF-8") from None
+        raise ConfigError(f"{path}:{line}: not valid UTF-8") from None
     return parse(text, path)
 
 
 def parse(text: str, path: str) -> Config:
-    """Parse configuration ``text``; ``path`` names it in messages."""
-    name = os.path.basename(path)
+    """Parse configuration ``text``; ``path`` names it in messages, as given."""
+    name = path
     cfg = Config(path)
     secrets: dict[bytes, int] = {}
     seen: dict[str, int] = {}

@@ -54,12 +54,37 @@ def unable(verb_thing: str, error: "OSError | str") -> Fatal:
 
 
 def say(prog: str, kind: str, text: str) -> None:
-    """Write ``prog: kind: text`` to stderr, whatever it holds."""
+    """Write ``prog: kind: text`` to stderr; undecodable bytes (os.fsdecode) go out as they came."""
     line = f"{prog}: {kind}: {text}\n" if kind else f"{prog}: {text}\n"
     try:
-        os.write(2, line.encode("utf-8", "replace"))
-    except OSError:
+        sys.stderr.flush()
+        sys.stderr.buffer.write(line.encode("utf-8", "surrogateescape"))
+        sys.stderr.buffer.flush()
+    except (AttributeError, OSError, ValueError):  # no stderr, or closed: nowhere to say it
         pass
+
+
+def report(prog: str, usage: str, stop: BaseException) -> int:
+    """Say what ``stop`` (Help, Version, a Failure, BrokenPipeError) means; return the exit status."""
+    if isinstance(stop, Help):
+        sys.stdout.write(f"{prog}: usage: {usage}\n")
+        return 0
+    if isinstance(stop, Version):
+        from . import __version__
+
+        sys.stdout.write(f"{prog} {__version__}\n")
+        return 0
+    if isinstance(stop, Failure):
+        sys.stdout.flush()
+        say(prog, stop.kind, stop.text)
+        return stop.status
+    if isinstance(stop, BrokenPipeError):  # prog | head: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    raise stop
+
+
+STOPS = (Help, Version, Failure, BrokenPipeError)
 
 
 def run(prog: str, usage: str, body: "Callable[[list[str]], int | None]", argv: list[str]) -> int:
@@ -70,20 +95,8 @@ def run(prog: str, usage: str, body: "Callable[[list[str]], int | None]", argv: 
     """
     try:
         status = body(argv)
-    except Help:
-        sys.stdout.write(f"{prog}: usage: {usage}\n")
-        return 0
-    except Version:
-        from . import __version__
-        sys.stdout.write(f"{prog} {__version__}\n")
-        return 0
-    except Failure as e:
-        sys.stdout.flush()
-        say(prog, e.kind, e.text)
-        return e.status
-    except BrokenPipeError:  # prog | head: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except STOPS as e:
+        return report(prog, usage, e)
     return 0 if status is None else status
 
 

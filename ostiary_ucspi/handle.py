@@ -4,9 +4,8 @@ Usage: ``ostiary-handle [-c FILE]`` (default /etc/ostiary.cfg), run by
 tcpserver, tcpsvd, s6-tcpserver or inetd once per connection;
 ``ostiary-handle --check [-c FILE]`` validates FILE and prints what would run.
 
-The client gets the 32-byte salt and nothing else, ever. Exit status: 0 the
-connection was handled (whatever the client proved), 100 usage, 111 a
-configuration, address or lockout-store problem (the client got nothing).
+The client gets the 32-byte salt and nothing else, ever. Exit status: see
+:data:`EXITS`.
 """
 import os
 import sys
@@ -19,25 +18,56 @@ from .policy import charge, fail, keeper, refusal, stale_charge, stop, succeed
 from .store import Store, StoreCorrupt, StoreError
 from .supervise import take_down
 
-USAGE = "usage: ostiary-handle [-c FILE] [--check]"
+PROG = "ostiary-handle"
+USAGE = "ostiary-handle [-c FILE] [--check] | --help | --version"
+EXITS = {
+    0: "the connection was handled, whatever the client proved; --check found the config usable",
+    100: "usage: a bad command line",
+    111: "a configuration, address or lockout-store problem, or an internal error "
+         "(the client got nothing); --check found a problem",
+}
 LIMIT = 32  # never read more than a response's length
 
 
-def parse_args(argv: list[str]) -> tuple[str, bool]:
-    """Return (config path, check mode); raise ValueError on a bad command line."""
-    path, check = DEFAULT_PATH, False
+def parse_args(argv: list[str]) -> tuple[str, str]:
+    """Return (config path, mode: serve, check, help or version); raise ValueError when wrong."""
+    path, mode = DEFAULT_PATH, "serve"
     args = argv[1:]
     while args:
         a = args.pop(0)
         if a == "--check":
-            check = True
-        elif a == "-c" and args:
+            mode = "check"
+        elif a in ("-h", "--help"):
+            return path, "help"
+        elif a == "--version":
+            return path, "version"
+        elif a == "-c":
+            if not args:
+                raise ValueError("-c needs a FILE")
             path = args.pop(0)
         elif a.startswith("-c") and len(a) > 2:
             path = a[2:]
         else:
-            raise ValueError(a)
-    return path, check
+            raise ValueError(f"unexpected argument {a!r}")
+    return path, mode
+
+
+def command_line_stop(mode: str, error: str) -> int:
+    """Answer --help, --version or a bad command line the djb way; return the exit status.
+
+    Behind a server descriptor 1 is the client's socket: there even --help is
+    a usage error on stderr, so nothing but a salt ever reaches a client.
+    """
+    from . import fail
+
+    stop: BaseException
+    if error:
+        stop = fail.Usage(f"{error}: {USAGE}")
+    elif logmod.is_socket(1):
+        stop = fail.Usage(f"--{mode} behind a server: {USAGE}")
+    else:
+        stop = fail.Help() if mode == "help" else fail.Version()
+    return fail.report(PROG, USAGE, stop)
 
 
 def peer_address() -> str | None:
@@ -207,16 +237,18 @@ def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
     """Entry point of ostiary-handle; ``inetd``: descriptor 2 was the client's socket."""
     argv = sys.argv if argv is None else argv
     try:
-        path, check = parse_args(argv)
-    except ValueError:
-        os.write(2, f"ostiary-handle: {USAGE}\n".encode())
-        return 100
-    if check:
+        path, mode = parse_args(argv)
+    except ValueError as e:
+        return command_line_stop("", str(e))
+    if mode in ("help", "version"):
+        return command_line_stop(mode, "")
+    if mode == "check":
         from .check import check_main
+
         return check_main(path)
     if inetd is None:
         inetd = logmod.stderr_is_socket()
-    log = logmod.Log("ostiary-handle", use_syslog=inetd)
+    log = logmod.Log(PROG, use_syslog=inetd)
     try:
         cfg = load(path)
     except ConfigError as e:

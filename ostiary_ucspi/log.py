@@ -1,8 +1,9 @@
 """One line per event: on stderr for multilog, or to syslog when stderr is the socket.
 
 Lines read ``prog: level: text``; no timestamps (multilog adds them). Under
-inetd descriptor 2 is the client's connection, so :func:`open_log` notices a
-socket there and sends everything to syslog (LOG_AUTH) instead.
+inetd descriptor 2 is the client's connection, so the handler notices a
+socket there (:func:`stderr_is_socket`) and sends everything to syslog
+(LOG_AUTH) instead.
 """
 import os
 import stat
@@ -11,12 +12,17 @@ NAMES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug"
 ALERT, FATAL, ERR, WARNING, NOTICE, INFO, DEBUG = 1, 2, 3, 4, 5, 6, 7
 
 
-def stderr_is_socket() -> bool:
-    """True when descriptor 2 is a socket (inetd, xinetd) or closed."""
+def is_socket(fd: int) -> bool:
+    """True when descriptor ``fd`` is a socket, or closed."""
     try:
-        return stat.S_ISSOCK(os.fstat(2).st_mode)
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
     except OSError:
         return True
+
+
+def stderr_is_socket() -> bool:
+    """True when descriptor 2 is a socket (inetd, xinetd) or closed."""
+    return is_socket(2)
 
 
 class Log:
@@ -44,9 +50,3 @@ class Log:
             os.write(2, f"{self.prog}: {name}: {text}\n".encode("utf-8", "replace"))
         except OSError:
             pass
-
-
-def open_log(prog: str, level: int = NOTICE) -> Log:
-    """Return a Log for ``prog``: stderr normally, syslog when stderr is a socket."""
-    return Log(prog, level, use_syslog=stderr_is_socket())
-

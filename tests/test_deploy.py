@@ -453,7 +453,7 @@ def test_broken_config_does_not_serve_and_the_log_says_why(deployed):
     fatal = "run: fatal: " + str(cfg) + " does not pass ostiary-handle --check"
     wait_for(lambda: log_text(service).count(fatal) >= 2, 20, "supervise to retry")
     text = log_text(service)
-    assert "ostiary-handle: fatal: broken.cfg: KILL is mandatory" in text
+    assert f"ostiary-handle: fatal: {cfg}: KILL is mandatory" in text
     assert not listening(port)
     write_config(cfg, base / "action", f"{base}/broken/state/lockout.cdb")
     subprocess.run(["svc", "-t", str(service)], check=True, timeout=10)

@@ -421,7 +421,7 @@ def test_random_rules_match_real_tcprules(
     try:
         ours = (0, io_cdb(parse_rules(text)))
     except Fatal as e:
-        ours = (e.code, None)
+        ours = (e.status, None)
     assert ours == (real.returncode, cdb.read_bytes() if real.returncode == 0 else None)
 
 

@@ -386,7 +386,8 @@ def run_both(args: list[str], env: dict[str, str] | None = None) -> list[tuple[i
     """(exit code, stderr) of real tcpserver and the shim.
 
     getopt's complaints start with the command's name (tcpserver,
-    ostiary-tcpserver): that becomes NAME.
+    ostiary-tcpserver): that becomes NAME; the shim's usage and fatal lines
+    name it ostiary-tcpserver, read as tcpserver.
     """
     out = []
     for tool in (real(), shim()):
@@ -394,6 +395,7 @@ def run_both(args: list[str], env: dict[str, str] | None = None) -> list[tuple[i
         name = re.escape(os.path.basename(tool))
         text = re.sub(rf"^{name}: (illegal option|option requires)", r"NAME: \1",
                       p.stderr.decode(), flags=re.M)
+        text = re.sub(r"\bostiary-tcpserver\b", "tcpserver", text)  # the shim names itself
         out.append((p.returncode, text))
     return out
 

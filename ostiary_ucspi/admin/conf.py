@@ -19,9 +19,8 @@ For any other account DIR is made group-writable by the account's group
 (sticky, so the account can add ``down`` but not touch another file) and
 ``supervise/control`` is the account's, so that KILL can take the service down.
 
-Exit status: 0 created, 100 usage error, 111 anything else (DIR exists, no
-such account, cannot create a file). A failure can leave DIR half made: remove
-it and run again.
+Exit status: see :data:`EXITS`. A failure can leave DIR half made: remove it
+and run again.
 """
 from __future__ import annotations
 
@@ -31,8 +30,15 @@ import secrets
 import sys
 import sysconfig
 
+from ..fail import Fatal, Usage, run, standard
+
 PROG = "ostiary-conf"
-USAGE = f"usage: {PROG} ACCOUNT LOGACCOUNT DIR [CONFIG] [IP] [PORT]"
+USAGE = f"{PROG} ACCOUNT LOGACCOUNT DIR [CONFIG] [IP] [PORT]"
+EXITS = {
+    0: "the service directory was created; --help, --version",
+    100: "usage: a bad command line",
+    111: "DIR exists, no such account, or a file could not be created",
+}
 DEFAULT_CONFIG = "/etc/ostiary.cfg"
 DEFAULT_IP = "0"
 DEFAULT_PORT = "7050"
@@ -75,14 +81,6 @@ LOCKOUT_DB="{dir}/state/lockout.cdb"
 """
 
 
-class Fatal(Exception):
-    """End with ``code`` after printing ``prog: fatal: text``."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-
-
 def service_files(account: str, logaccount: str, config: str, ip: str, port: str,
                   rules: str, path: str | None) -> dict[str, str]:
     """Return {relative path: text} of a service directory's run scripts and env files.
@@ -117,25 +115,27 @@ def account(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        raise Fatal(111, f"no such account: {name}") from None
+        raise Fatal(f"no such account: {name}") from None
 
 
 def parse_args(args: list[str]) -> tuple[str, str, str, str, str, str]:
-    """Return (account, logaccount, dir, config, ip, port); raise Fatal(100) when wrong."""
+    """Return (account, logaccount, dir, config, ip, port); raise Usage when wrong."""
+    if args[:1] in (["-h"], ["--help"], ["--version"]):
+        standard(args[0])
     if not 3 <= len(args) <= 6:
-        raise Fatal(100, USAGE)
+        raise Usage(USAGE)
     acct, logacct, target = args[:3]
     config = args[3] if len(args) > 3 else DEFAULT_CONFIG
     ip = args[4] if len(args) > 4 else DEFAULT_IP
     port = args[5] if len(args) > 5 else DEFAULT_PORT
     for what, value in (("DIR", target), ("CONFIG", config)):
         if not value.startswith("/"):
-            raise Fatal(100, f"{what} must be an absolute path, not {value!r}")
+            raise Usage(f"{what} must be an absolute path, not {value!r}")
     for value in (acct, logacct, target, config, ip):
         if not value or any(c.isspace() or not c.isprintable() or c in '"\\' for c in value):
-            raise Fatal(100, f"blank, quote, backslash or control character in {value!r}")
+            raise Usage(f"blank, quote, backslash or control character in {value!r}")
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise Fatal(100, f"PORT must be a number from 1 to 65535, not {port!r}")
+        raise Usage(f"PORT must be a number from 1 to 65535, not {port!r}")
     return acct, logacct, target.rstrip("/") or "/", config, ip, port
 
 
@@ -170,7 +170,7 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
     user, loguser = account(acct), account(logacct)
     root = user.pw_uid == 0
     if os.path.lexists(target):
-        raise Fatal(111, f"{target} exists: refusing to touch it")
+        raise Fatal(f"{target} exists: refusing to touch it")
     try:
         # Sticky: daemontools 0.70 and older pair DIR with DIR/log only then.
         make_dir(target, 0o1755 if root else 0o1775, gid=-1 if root else user.pw_gid)
@@ -201,25 +201,22 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
         return True
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
-        raise Fatal(111, f"unable to create{where}: {e.strerror}") from None
+        raise Fatal(f"unable to create{where}: {e.strerror}") from None
+
+
+def body(argv: list[str]) -> None:
+    """Make the service directory argv asks for."""
+    acct, logacct, target, config, ip, port = parse_args(argv[1:])
+    if create(acct, logacct, target, config, ip, port):
+        print(f"{PROG}: wrote {config} with random passphrases: edit it, then "
+              f"ostiary-handle --check -c {config}")
+    else:
+        print(f"{PROG}: {config} exists: left as it is")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ostiary-conf."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        acct, logacct, target, config, ip, port = parse_args(args)
-        if create(acct, logacct, target, config, ip, port):
-            print(f"{PROG}: wrote {config} with random passphrases: edit it, then "
-                  f"ostiary-handle --check -c {config}")
-        else:
-            print(f"{PROG}: {config} exists: left as it is")
-    except Fatal as e:
-        sys.stdout.flush()
-        prefix = "" if e.code == 100 and str(e) == USAGE else "fatal: "
-        print(f"{PROG}: {prefix}{e}", file=sys.stderr)
-        return e.code
-    return 0
+    """Entry point of ostiary-conf; ``argv`` is the whole command line (sys.argv)."""
+    return run(PROG, USAGE, body, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":

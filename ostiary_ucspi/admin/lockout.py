@@ -2,23 +2,11 @@
 
 Usage: ``ostiary-lockout [-c FILE] COMMAND`` where FILE (default
 /etc/ostiary.cfg) gives the store (LOCKOUT_DB) and the policy, and COMMAND is
-
-``list [--json]``   every tracked address or IPv6 prefix: strikes, errors,
-                    locked since, last seen (``--json``: one object, for scripts)
-``show ADDR``       one address's record (an IPv6 address shows its prefix's)
-``unlock ADDR``     forget ADDR's strikes, errors and lock
-``lock ADDR``       lock ADDR out now (LOCKOUT_ACTION does not run)
-``revive``          leave the stopped state (KILL or an error threshold)
-``prune``           compact the store now, dropping expired strikes and locks
-``export``          the locked-out addresses and prefixes, one a line
-``reset --force``   move a corrupt store aside and start an empty one
-
-ADDR is an IPv4 or IPv6 address, or an IPv6 prefix as ``list`` prints it.
+one of :data:`COMMANDS`. ADDR is an IPv4 or IPv6 address, or an IPv6 prefix as ``list`` prints it.
 Changes take the writers' lock, reads take none, so no handler's update is
 lost and no handler waits on a reader.
 
-Exit status: 0 done; 100 usage or a bad address; 111 a configuration
-problem, a missing, unreadable or corrupt store, or another failure.
+Exit status: see :data:`EXITS`.
 """
 from __future__ import annotations
 
@@ -29,32 +17,36 @@ import sys
 import time
 
 from ..config import DEFAULT_PATH, Config, ConfigError, load
+from ..fail import Fatal, Usage, standard
+from ..fail import run as fail_run
 from ..address import key as address_key
 from ..policy import ERRORS, STOPPED, Entry, keeper, lock, revive, unlock
 from ..supervise import bring_up_advice
 from ..store import Store, StoreCorrupt, StoreError
 
 PROG = "ostiary-lockout"
-USAGE = f"""usage: {PROG} [-c FILE] COMMAND
-  list [--json]   tracked addresses: strikes, errors, locked since, last seen
-  show ADDR       one address's (or IPv6 prefix's) record
-  unlock ADDR     forget ADDR's strikes, errors and lock
-  lock ADDR       lock ADDR out now
-  revive          leave the stopped state (KILL, error thresholds)
-  prune           compact the store now, dropping expired strikes and locks
-  export          locked-out addresses and prefixes, one a line
-  reset --force   move a corrupt store aside, start an empty one
-FILE defaults to {DEFAULT_PATH}. Exit 0 done, 100 usage, 111 failure."""
-ARITY = {"list": 0, "show": 1, "unlock": 1, "lock": 1, "revive": 0, "prune": 0,
-         "export": 0, "reset": 0}
-
-
-class Usage(Exception):
-    """A bad command line or address: exit 100."""
-
-
-class Fatal(Exception):
-    """Anything else that stops the command: exit 111."""
+# The command table: it drives --help, the argument checks and doc/ostiary-lockout.rst.
+# (name, operand, flag, what it does)
+COMMANDS = [
+    ("list", "", "[--json]", "tracked addresses: strikes, errors, locked since, last seen"),
+    ("show", "ADDR", "", "one address's (or IPv6 prefix's) record"),
+    ("unlock", "ADDR", "", "forget ADDR's strikes, errors and lock"),
+    ("lock", "ADDR", "", "lock ADDR out now"),
+    ("revive", "", "", "leave the stopped state (KILL, error thresholds)"),
+    ("prune", "", "", "compact the store now, dropping expired strikes and locks"),
+    ("export", "", "", "locked-out addresses and prefixes, one a line"),
+    ("reset", "", "--force", "move a corrupt store aside, start an empty one"),
+]
+TABLE = {name: (operand, flag.strip("[]")) for name, operand, flag, _ in COMMANDS}
+USAGE = "\n".join(
+    [f"{PROG} [-c FILE] COMMAND"]
+    + [f"  {' '.join(w for w in (n, f, o) if w):<15} {d}" for n, o, f, d in COMMANDS]
+    + [f"FILE defaults to {DEFAULT_PATH}. Exit 0 done, 100 usage, 111 failure."])
+EXITS = {
+    0: "done",
+    100: "usage: a bad command line or a bad address",
+    111: "a configuration problem, a missing, unreadable or corrupt store, or another failure",
+}
 
 
 class State:
@@ -88,6 +80,7 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     args = argv[1:]
     while args and args[0].startswith("-"):
         a = args.pop(0)
+        standard(a)
         if a == "-c" and args:
             path = args.pop(0)
         elif a.startswith("-c") and len(a) > 2:
@@ -97,13 +90,13 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     if not args:
         raise Usage(f"no command\n{USAGE}")
     command, rest = args[0], args[1:]
-    if command not in ARITY:
+    if command not in TABLE:
         raise Usage(f"unknown command {command!r}\n{USAGE}")
-    flags = {"list": "--json", "reset": "--force"}.get(command)
-    options = [a for a in rest if a == flags]
-    operands = [a for a in rest if a != flags]
-    if len(operands) != ARITY[command]:
-        raise Usage(f"{command} takes {'ADDR' if ARITY[command] else 'no argument'}\n{USAGE}")
+    operand, flag = TABLE[command]
+    options = [a for a in rest if flag and a == flag]
+    operands = [a for a in rest if not (flag and a == flag)]
+    if len(operands) != (1 if operand else 0):
+        raise Usage(f"{command} takes {operand or 'no argument'}\n{USAGE}")
     return path, command, options + operands
 
 
@@ -287,28 +280,18 @@ def run(argv: list[str]) -> None:
         cmd_reset(store, "--force" in args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ostiary-lockout; ``argv`` is the whole command line (sys.argv)."""
-    argv = sys.argv if argv is None else argv
-    if len(argv) == 2 and argv[1] in ("-h", "--help"):
-        print(USAGE)
-        return 0
+def body(argv: list[str]) -> None:
+    """Carry out one command line, the store's errors phrased for the operator."""
     try:
         run(argv)
-    except Usage as e:
-        print(f"{PROG}: fatal: {e}", file=sys.stderr)
-        return 100
     except StoreCorrupt as e:
-        print(f"{PROG}: fatal: the lockout store is corrupt: {e}; every connection is "
-              f"refused until it is repaired; '{PROG} reset --force' moves it aside "
-              "and starts afresh (forgetting every lock)", file=sys.stderr)
-        return 111
+        raise Fatal(f"the lockout store is corrupt: {e}; every connection is refused until it "
+                    f"is repaired; '{PROG} reset --force' moves it aside and starts afresh "
+                    "(forgetting every lock)") from None
     except StoreError as e:
-        print(f"{PROG}: fatal: lockout store: {e}", file=sys.stderr)
-        return 111
-    except Fatal as e:
-        print(f"{PROG}: fatal: {e}", file=sys.stderr)
-        return 111
-    except BrokenPipeError:  # list | head
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+        raise Fatal(f"lockout store: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ostiary-lockout; ``argv`` is the whole command line (sys.argv)."""
+    return fail_run(PROG, USAGE, body, sys.argv if argv is None else argv)

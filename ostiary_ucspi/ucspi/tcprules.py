@@ -16,34 +16,28 @@ The rules are written to rules.tmp, flushed to disk, then renamed over
 rules.cdb, so a running server sees the old file or the new one, never a mix.
 Unlike real tcprules, a failed run removes rules.tmp and names the bad line.
 
-Exit codes:
-  0    rules.cdb replaced.
-  100  usage error, or a line that cannot be parsed (as real tcprules); also
-       rules.tmp naming the same path as rules.cdb (real tcprules would
-       truncate the live file).
-  111  cannot create or write rules.tmp, read the input, or rename (as real tcprules).
-On any failure rules.cdb is left untouched.
+Exit codes: :data:`EXITS`. On any failure rules.cdb is left untouched.
 """
 
 import os
 import sys
 
+from .. import fail
 from ..cdb import write_cdb
+from ..fail import Fatal
 
 PROG = "ostiary-tcprules"
+USAGE = "ostiary-tcprules rules.cdb rules.tmp < rules"
+EXITS = {
+    0: "rules.cdb replaced; --help, --version",
+    100: "usage error, or a line that cannot be parsed (as real tcprules); also rules.tmp "
+         "naming the same path as rules.cdb (real tcprules would truncate the live file)",
+    111: "cannot create or write rules.tmp, read the input, or rename (as real tcprules)",
+}
 
 
 class RuleError(ValueError):
     """A line real tcprules refuses to parse; the argument says why."""
-
-
-class Fatal(Exception):
-    """End the program with ``code`` after printing ``message`` (bytes)."""
-
-    def __init__(self, code: int, message: bytes) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
 
 
 def _number(text: bytes) -> int:
@@ -116,38 +110,34 @@ def parse_rules(data: bytes) -> list[tuple[bytes, bytes]]:
             value = parse_instructions(instructions)
             records.extend((key, value) for key in expand(address))
         except RuleError as e:
-            head = f"{PROG}: fatal: line {number}: unable to parse this line ({e}): "
-            raise Fatal(100, head.encode() + line) from None
+            text = f"line {number}: unable to parse this line ({e}): {os.fsdecode(line)}"
+            raise Fatal(text, fail.USAGE) from None
     return records
-
-
-def _fatal(what: str) -> Fatal:
-    return Fatal(111, f"{PROG}: fatal: {what}".encode())
 
 
 def _compile(cdb: str, tmp: str) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as e:
-        raise _fatal(f"unable to create {tmp}: {e.strerror}") from None
+        raise fail.unable(f"create {tmp}", e) from None
     try:
         with open(fd, "wb") as out:
             try:
                 with open(0, "rb", closefd=False) as stdin:
                     data = stdin.read()
             except OSError as e:
-                raise _fatal(f"unable to read input: {e.strerror}") from None
+                raise fail.unable("read input", e) from None
             records = parse_rules(data)
             try:
                 write_cdb(out, records)
                 out.flush()
                 os.fsync(out.fileno())
             except OSError as e:
-                raise _fatal(f"unable to write to {tmp}: {e.strerror or e}") from None
+                raise fail.unable(f"write to {tmp}", e) from None
         try:
             os.rename(tmp, cdb)
         except OSError as e:
-            raise _fatal(f"unable to move {tmp} to {cdb}: {e.strerror}") from None
+            raise fail.unable(f"move {tmp} to {cdb}", e) from None
     except BaseException:
         try:
             os.unlink(tmp)
@@ -156,21 +146,21 @@ def _compile(cdb: str, tmp: str) -> None:
         raise
 
 
+def body(argv: list[str]) -> None:
+    """Compile standard input into argv[1] by way of argv[2]."""
+    args = argv[1:]
+    if args[:1] in (["--help"], ["--version"]):
+        fail.standard(args[0])
+    if len(args) < 2:
+        raise fail.Usage(USAGE)
+    if os.path.abspath(args[0]) == os.path.abspath(args[1]):
+        raise Fatal("rules.tmp must not be rules.cdb", fail.USAGE)
+    _compile(args[0], args[1])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ostiary-tcprules; return the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        if len(args) < 2:
-            raise Fatal(100, f"{PROG}: usage: {PROG} rules.cdb rules.tmp".encode())
-        if os.path.abspath(args[0]) == os.path.abspath(args[1]):
-            raise Fatal(100, f"{PROG}: fatal: rules.tmp must not be rules.cdb".encode())
-        _compile(args[0], args[1])
-    except Fatal as e:
-        sys.stderr.flush()
-        sys.stderr.buffer.write(e.message + b"\n")
-        sys.stderr.buffer.flush()
-        return e.code
-    return 0
+    """Run ostiary-tcprules; ``argv`` is the whole command line (sys.argv); return the exit code."""
+    return fail.run(PROG, USAGE, body, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ import signal
 import socket
 import sys
 
+from .. import fail
+from ..fail import Fatal, Usage
 from .dns import dns_name, dns_servers, name_matches
 from .ident import remote_info
 from .rules import unmapped
@@ -62,12 +64,21 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-USAGE = ("tcpserver: usage: tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] "
+PROG = "ostiary-tcpserver"
+# Usage and fatal lines name this program; log lines (status, ok, end, deny,
+# warning) say "tcpserver:" as 0.88's do, for whatever reads the log.
+USAGE = ("ostiary-tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] "
          "[ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] "
          "[ -t timeout ] host port program")
 OPTIONS = "dDvqQhHrR1UXx:t:u:g:l:b:B:c:pPoO"
-FATAL = "tcpserver: fatal: "
 DROP = "tcpserver: warning: dropping connection, "
+EXITS = {
+    0: "stopped by SIGTERM (the server); --help, --version",
+    100: "usage: a bad option, or host, port or program missing; "
+         "a child: the rules deny the connection",
+    111: "the port or host is unknown, or the socket cannot be created, bound or listened on, "
+         "or the gid or uid cannot be set; a child: the connection was dropped",
+}
 
 # djb's error_str() wording for the errors tcpserver can meet.
 ERRORS = {
@@ -95,10 +106,6 @@ ERRORS = {
     errno.EHOSTUNREACH: "host unreachable", errno.ENOSYS: "system call not available",
 }
 
-
-
-class Usage(Exception):
-    """Bad command line; the argument, if any, is getopt's complaint."""
 
 
 def error_text(e: BaseException) -> str:
@@ -255,10 +262,6 @@ def split_address(address: tuple, family: int) -> tuple[str, int, bool, str]:
     if plain != ip:
         return plain, port, False, ""
     return ip, port, True, interface
-
-
-class Fatal(Exception):
-    """Start-up failure: tcpserver prints ``tcpserver: fatal: <text>`` and exits 111."""
 
 
 def resolve_host(host: str) -> tuple[int, tuple]:
@@ -638,16 +641,19 @@ class Server:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; ``argv`` includes the program name, as sys.argv does."""
     argv = sys.argv if argv is None else argv
+    if argv[1:2] in (["--help"], ["--version"]):  # -h is tcpserver's: look up the remote name
+        return fail.report(PROG, USAGE, fail.Help() if argv[1] == "--help" else fail.Version())
     try:
         opts, operands = parse(argv)
     except Usage as e:
-        name = os.path.basename(argv[0]) if argv else "tcpserver"
-        os.write(2, os.fsencode(f"{name}: {e}\n{USAGE}\n"))
-        return 100
+        name = os.path.basename(argv[0]) if argv else PROG  # as djb's getopt: argv[0]
+        os.write(2, os.fsencode(f"{name}: {e.text}\n"))
+        fail.say(PROG, "usage", USAGE)
+        return fail.USAGE
     if len(operands) < 3:
         if opts.verbosity:
-            os.write(2, (USAGE + "\n").encode())
-        return 100
+            fail.say(PROG, "usage", USAGE)
+        return fail.USAGE
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # as tcpserver: no traceback, just gone
@@ -655,6 +661,6 @@ def main(argv: list[str] | None = None) -> int:
         sock = open_listener(opts, operands[0], operands[1])
     except Fatal as e:
         if opts.verbosity:
-            os.write(2, os.fsencode(f"{FATAL}{e}\n"))
-        return 111
+            fail.say(PROG, "fatal", e.text)
+        return fail.FATAL
     Server(opts, operands[2:], sock).serve()

@@ -16,7 +16,6 @@ from .address import parse as parse_address
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .policy import charge, fail, keeper, refusal, stale_charge, stop, succeed
 from .store import Store, StoreCorrupt, StoreError
-from .supervise import take_down
 
 PROG = "ostiary-handle"
 USAGE = "ostiary-handle [-c FILE] [--check] | --help | --version"
@@ -187,6 +186,8 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
         log(logmod.INFO, f"{ip} closed at once: {why}")
         if stopped_now:
             log(logmod.ALERT, f"service stopped: {stopped_now}")
+            from .supervise import take_down
+
             take_down(log)
         if stale_charge(view, key, cfg, now):
             finish_failure(cfg, store, key, ip, log, "its last attempt never finished")
@@ -209,6 +210,8 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
             with store.lock() as tx:
                 stop(tx, now, f"KILL from {ip}")
         finally:  # even when the store cannot record it, supervise can stop the service
+            from .supervise import take_down
+
             take_down(log)
     else:
         succeed(store, key)
@@ -228,8 +231,9 @@ def finish_failure(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.L
         if cfg.lockout_action is not None:
             start(cfg, cfg.lockout_action, "lockout action", ip, log)
     if stop_reason:
-        log(logmod.ALERT,
-            f"service stopped: {stop_reason}")
+        log(logmod.ALERT, f"service stopped: {stop_reason}")
+        from .supervise import take_down
+
         take_down(log)
 
 

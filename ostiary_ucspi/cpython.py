@@ -16,6 +16,21 @@ import sys
 
 PUBLIC = os.environ.get("OSTIARY_PUBLIC_IMPORTS") == "1"
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # what a type checker sees: the public names, which the private ones equal
+    from hashlib import sha256 as sha256
+    from hmac import compare_digest as compare_digest
+    from signal import NSIG as NSIG
+    from signal import SIG_DFL as SIG_DFL
+    from signal import SIG_SETMASK as SIG_SETMASK
+    from signal import alarm as alarm
+    from signal import pthread_sigmask as pthread_sigmask
+    from signal import signal as signal
+    from socket import AF_INET6 as AF_INET6
+    from socket import inet_ntop as inet_ntop
+    from socket import inet_pton as inet_pton
+    from socket import socket as socket
+
 # name -> (private module, its name there, public module): one row per name.
 NAMES = {
     "compare_digest": ("_operator", "_compare_digest", "hmac"),

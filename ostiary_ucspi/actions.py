@@ -2,14 +2,17 @@
 
 :func:`spawn` forks a runner in a new session and does not wait for it, so the
 handler can exit at once; the runner starts the action, copies its output to the log line
-by line, logs its exit status, and, for an action with an UNDO, sleeps the
-delay and runs the undo the same way.
+by line, logs its exit status, and, for an action with an UNDO, waits for its
+door to close (:mod:`.doors`).
 """
 import os
 import stat
-import time
 
 from . import log as logmod
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -157,24 +160,37 @@ def run_logged(path: str, ip: str, uid: int, gid: int, log: logmod.Log, what: st
     log(level, f"{ip} {what} {path} finished: {describe(status)}")
 
 
-def spawn(jobs: list[tuple[str, str, int]], ip: str, uid: int, gid: int,
-          log: logmod.Log) -> None:
-    """Run ``jobs`` [(what, path, delay_before)] in order, in a runner of its own.
+def detach(job: "Callable[[], object]", log: logmod.Log) -> None:
+    """Run ``job`` in a forked child in a new session; return at once, never wait for it.
 
-    The runner is a forked child in a new session; the handler does not wait for
-    it and exits, so init adopts it and a long action holds no server slot.
+    The caller (a handler) exits soon, so init adopts the child, and a long
+    wait holds no server slot. The child works in / with umask 022, whatever
+    the server was started with, so it holds no directory busy; its stdin and
+    stdout are /dev/null (a caller's pipe is not held open), stderr the log.
     """
     if os.fork():
         return
     try:
         os.setsid()
-        os.chdir("/")  # hold no directory busy while an UNDO waits; actions start in /
-        os.umask(0o022)  # not whatever the server was started with
-        for what, path, delay in jobs:
-            if delay:
-                time.sleep(delay)
-            run_logged(path, ip, uid, gid, log, what)
-    except BaseException as e:  # the runner must never fall back into the handler
-        log(logmod.ERR, f"{ip} action runner failed: {e}")
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        os.chdir("/")
+        os.umask(0o022)
+        job()
+    except BaseException as e:  # the child must never fall back into the handler
+        log(logmod.ERR, f"action runner failed: {type(e).__name__}: {e}")
     finally:
         os._exit(0)
+
+
+def spawn(what: str, path: str, ip: str, uid: int, gid: int, log: logmod.Log,
+          then: "Callable[[], object] | None" = None) -> None:
+    """Run ``path ip`` in a detached runner (see :func:`detach`), then ``then()`` there."""
+    def job() -> None:
+        run_logged(path, ip, uid, gid, log, what)
+        if then is not None:
+            then()
+
+    detach(job, log)

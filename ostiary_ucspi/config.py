@@ -7,7 +7,9 @@ is a :class:`ConfigError` that names the file (as given) and line.
 Extensions to Ostiary 4.0 (all optional):
 
 ``LOCKOUT_DB=/abs/path``        the lockout store (default /var/lib/ostiary/lockout.cdb)
-``UNDO=seconds,"/abs/cmd"``     timed undo of the ACTION just above it
+``UNDO=seconds,"/abs/cmd"``     timed undo of the ACTION just above it: a door (doors.py);
+                                a knock while it is open runs the ACTION again (so actions
+                                must be idempotent) and moves the one UNDO to seconds later
 ``STRIKE_EXPIRE=seconds``       forget strikes of unlocked addresses (default 86400)
 ``LOCKOUT_EXPIRE=seconds``      unlock after this long (default 0: never)
 ``IPV6_PREFIX=bits``            IPv6 strikes are counted per prefix (default 64)

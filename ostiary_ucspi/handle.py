@@ -13,9 +13,9 @@ import time
 
 from . import log as logmod
 from .address import parse as parse_address
-from .config import DEFAULT_PATH, Config, ConfigError, load
-from .policy import charge, fail, keeper, refusal, stale_charge, stop, succeed
-from .store import Store, StoreCorrupt, StoreError
+from .config import DEFAULT_PATH, Action, Config, ConfigError, load
+from .policy import charge, doors_due, fail, keeper, refusal, stale_charge, stop, succeed
+from .store import Store, StoreCorrupt, StoreError, View
 
 PROG = "ostiary-handle"
 USAGE = "ostiary-handle [-c FILE] [--check] | --help | --version"
@@ -125,8 +125,13 @@ def exchange(salt: bytes, timeout: int) -> tuple[bytes, str]:
     return got, ""
 
 
-def start(cfg: Config, action, what: str, ip: str, log: logmod.Log) -> None:
-    """Start ``action`` (and its undo) for ``ip`` in a detached runner."""
+def start(cfg: Config, action: Action, what: str, ip: str, log: logmod.Log, store: Store,
+          number: int = 0) -> None:
+    """Start ``action`` for ``ip`` in a detached runner; with an UNDO, open its door first.
+
+    ``number``: the ACTION's number in the config (its door's name). The door
+    is on disk before the action starts; a store error leaves both undone.
+    """
     from .actions import ActionRefused, prepare, spawn
 
     try:
@@ -134,12 +139,38 @@ def start(cfg: Config, action, what: str, ip: str, log: logmod.Log) -> None:
     except ActionRefused as e:
         log(logmod.ERR, f"{ip} {what} {action.command} refused: {e}")
         return
-    jobs = [(what, action.command, 0)]
+    from . import doors
+
+    doors.doors(store.view())  # a damaged door record: no action runs (StoreCorrupt)
+    then = None
     if action.undo:
-        jobs.append(("undo", action.undo, action.undo_delay))
+        close_at = doors.arm(store, number, ip, action.undo, action.undo_delay, uid, gid,
+                             time.time())
+        key = doors.door_key(number, ip)
+        then = lambda: doors.keep_closing(store, key, close_at, log)  # noqa: E731
     log(logmod.NOTICE, f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"
         + (f", undo in {action.undo_delay}s" if action.undo else ""))
-    spawn(jobs, ip, uid, gid, log)
+    spawn(what, action.command, ip, uid, gid, log, then)
+
+
+def close_due_doors(store: Store, view: View | None, log: logmod.Log, now: int) -> None:
+    """After the connection: if a door is overdue (its runner died), start a sweeper.
+
+    One lookup in a view already read when nothing is due. Never costs the
+    client anything: the connection is closed already, and a store error here
+    is only logged.
+    """
+    try:
+        if not doors_due(view, now):
+            return
+    except StoreError as e:
+        log(logmod.ERR, f"unable to check for doors to close: {e}")
+        return
+    from . import doors
+    from .actions import detach
+
+    log(logmod.NOTICE, "a door is past its close (its runner is gone): sweeping")
+    detach(lambda: doors.sweep(store, log, wait=False), log)
 
 
 def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
@@ -158,7 +189,9 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
     now = int(time.time())
     store = Store(cfg.lockout_db, keep=keeper(cfg, now))
     try:
-        return knock(cfg, store, key, ip, log, inetd, now)
+        status = knock(cfg, store, key, ip, log, inetd, now)
+        close_due_doors(store, store.last_view, log, now)
+        return status
     except StoreCorrupt as e:
         hangup(inetd)
         log(logmod.ALERT,
@@ -215,7 +248,7 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
             take_down(log)
     else:
         succeed(store, key)
-        start(cfg, cfg.actions[found - 1], f"action {found}", ip, log)
+        start(cfg, cfg.actions[found - 1], f"action {found}", ip, log, store, found)
     if cfg.delay:
         time.sleep(cfg.delay)
     return 0
@@ -229,7 +262,7 @@ def finish_failure(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.L
     if locked:
         log(logmod.NOTICE, f"{ip} locked out after {cfg.max_bad_conns} bad connections")
         if cfg.lockout_action is not None:
-            start(cfg, cfg.lockout_action, "lockout action", ip, log)
+            start(cfg, cfg.lockout_action, "lockout action", ip, log, store)
     if stop_reason:
         log(logmod.ALERT, f"service stopped: {stop_reason}")
         from .supervise import take_down

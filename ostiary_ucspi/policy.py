@@ -6,13 +6,16 @@ toward MAX_BAD_CONNS and a success clears it; ``errors`` counts toward
 MAX_SINGLE_ERRS: a success takes back its own charge, ``revive`` clears it,
 and it goes with the record when compaction expires the strikes. ``!errors``
 holds the total for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once
-KILL or an error threshold stopped the service. Keys come from
+KILL or an error threshold stopped the service, ``!doors`` indexes the
+pending UNDOs (:mod:`.doors`). Keys come from
 :mod:`.address` (IPv6 is counted per prefix).
 """
 from .store import Store, StoreCorrupt, Transaction, View
 
 STOPPED = b"!stopped"
 ERRORS = b"!errors"
+DOORS = b"!doors"  # the pending doors' index: see doors.py
+DOORS_GRACE = 2  # seconds a live runner has to close its own door before a sweeper may
 GRACE = 5  # seconds past COMM_TIMEOUT after which an unconfirmed charge is final
 
 
@@ -64,6 +67,24 @@ def refusal(view: View | Transaction | None, key: bytes, max_bad: int, expire: i
     if Entry(view.get(key)).locked_out(max_bad, expire, now):
         return "locked out"
     return None
+
+
+def parse_doors(raw: bytes | None) -> tuple[int, list[bytes]]:
+    """Return (the earliest close, the door keys) of the doors' index record."""
+    if raw is None:
+        return 0, []
+    earliest, *keys = raw.split(b" ")
+    if not earliest.isdigit() or not all(k.startswith(b"!door:") for k in keys):
+        raise StoreCorrupt(f"door index does not parse: {raw[:60]!r}")
+    return int(earliest), keys
+
+
+def doors_due(view: View | None, now: int) -> bool:
+    """True when a door is past its close by DOORS_GRACE: a read on every connection's path."""
+    if view is None:
+        return False
+    earliest, keys = parse_doors(view.get(DOORS))
+    return bool(keys) and earliest + DOORS_GRACE <= now
 
 
 def stop(tx: Transaction, now: int, reason: str) -> None:

@@ -188,6 +188,7 @@ class Store:
         self.path = path
         self.journal = path + ".journal"
         self.keep = keep
+        self.last_view: View | None = None  # the newest view() returned, for a read that may lag
 
     def _open(self, path: str) -> "tuple[int, os.stat_result] | None":
         """Open a store file for reading; return (descriptor, its stat), None if it does not exist."""
@@ -258,13 +259,13 @@ class Store:
             gen = int(gen_raw)
             data = self._read(self.journal)
             if data is None:
-                return View(self.path, reader, gen, None)
+                self.last_view = View(self.path, reader, gen, None)
+                return self.last_view
             journal = Journal(data, self.journal)
             jgen = journal.gen
-            if jgen == gen:
-                return View(self.path, reader, gen, journal)
-            if jgen == gen - 1:  # folded into this snapshot already
-                return View(self.path, reader, gen, None)
+            if jgen in (gen, gen - 1):  # one behind: folded into this snapshot already
+                self.last_view = View(self.path, reader, gen, journal if jgen == gen else None)
+                return self.last_view
             try:
                 again = os.stat(self.path)
             except OSError:

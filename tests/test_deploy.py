@@ -511,7 +511,7 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
     bin_dir.mkdir()
     for tool in ("sh", "envdir", "setuidgid", "envuidgid"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    for tool in ("ostiary-handle", "ostiary-tcpserver"):
+    for tool in ("ostiary-handle", "ostiary-lockout", "ostiary-tcpserver"):
         (bin_dir / tool).symlink_to(project_tool(tool))
     (target / "env" / "PATH").write_text(f"{bin_dir}\n")
     if not IS_ROOT:

@@ -19,7 +19,11 @@ import time
 from ..config import DEFAULT_PATH, Config, ConfigError, load
 from ..fail import Fatal, Usage, standard
 from ..fail import run as fail_run
+from .. import doors
+from .. import log as logmod
 from ..address import key as address_key
+from ..address import parse as parse_canonical
+from ..doors import door_key
 from ..policy import ERRORS, STOPPED, Entry, keeper, lock, revive, unlock
 from ..supervise import bring_up_advice
 from ..store import Store, StoreCorrupt, StoreError
@@ -36,6 +40,10 @@ COMMANDS = [
     ("prune", "", "", "compact the store now, dropping expired strikes and locks"),
     ("export", "", "", "locked-out addresses and prefixes, one a line"),
     ("reset", "", "--force", "move a corrupt store aside, start an empty one"),
+    ("doors", "", "[--json]", "open doors: address, action, opened, closes at, attempts"),
+    ("close", "ADDR N", "", "close ACTION N's door for ADDR now: run its undo"),
+    ("forget", "ADDR N", "", "forget ACTION N's door for ADDR, without running its undo"),
+    ("sweep", "", "", "close the doors past their close, wait for the rest (at start-up)"),
 ]
 TABLE = {name: (operand, flag.strip("[]")) for name, operand, flag, _ in COMMANDS}
 USAGE = "\n".join(
@@ -95,13 +103,21 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     operand, flag = TABLE[command]
     options = [a for a in rest if flag and a == flag]
     operands = [a for a in rest if not (flag and a == flag)]
-    if len(operands) != (1 if operand else 0):
+    if len(operands) != len(operand.split()):
         raise Usage(f"{command} takes {operand or 'no argument'}\n{USAGE}")
     return path, command, options + operands
 
 
-def parse_address(text: str, cfg: Config) -> bytes:
-    """Return the store key for an address or IPv6 prefix; raise Usage."""
+def parse_address(text: str, cfg: Config, shown: bool = False) -> bytes:
+    """Return the store key for an address or IPv6 prefix; raise Usage.
+
+    ``shown``: the canonical address itself (a door's name), not its key.
+    """
+    if shown:
+        try:
+            return parse_canonical(text, cfg.ipv6_prefix)[0].encode()
+        except ValueError:
+            raise Usage(f"not an IP address: {text!r}") from None
     addr, slash, bits = text.partition("/")
     prefix = cfg.ipv6_prefix
     if slash:
@@ -183,6 +199,64 @@ def cmd_show(store: Store, cfg: Config, key: bytes) -> None:
     print(f"locked since  {when(e.locked_since)}")
     print(f"last seen     {when(e.last_seen)}")
     print(f"connections   {'closed at once' if is_locked(e, cfg, int(time.time())) else 'served'}")
+
+
+def parse_action(text: str) -> int:
+    """Return ACTION number ``text`` (1 for the config's first ACTION); raise Usage."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 6 and int(text) >= 1):
+        raise Usage(f"not an ACTION number: {text!r}")
+    return int(text)
+
+
+def cmd_doors(store: Store, as_json: bool) -> None:
+    view = store.view()
+    found = sorted(doors.doors(view) if view is not None else [],
+                   key=lambda d: (d.close_at, d.address, d.action))
+    if as_json:
+        print(json.dumps([{"address": d.address, "action": d.action, "opened": d.opened,
+                           "closes_at": d.close_at, "attempts": d.attempts,
+                           "state": d.state.decode(), "undo": d.undo, "uid": d.uid,
+                           "gid": d.gid} for d in found]))
+        return
+    print(f"{len(found)} open doors" if found else "no open doors")
+    if not found:
+        return
+    width = max(15, *(len(d.address) for d in found))
+    print(f"{'ADDRESS':<{width}}  ACTION  {'OPENED':<19}  {'CLOSES AT':<19}  ATTEMPTS  STATE    UNDO")
+    for d in found:
+        print(f"{d.address:<{width}}  {d.action:>6}  {when(d.opened):<19}  {when(d.close_at):<19}  "
+              f"{d.attempts:>8}  {d.state.decode():<7}  {d.undo}")
+
+
+def door_log() -> logmod.Log:
+    """Where the undos this command runs write their lines: stderr."""
+    return logmod.Log(PROG, logmod.INFO)
+
+
+def cmd_close(store: Store, key: bytes) -> None:
+    door = doors.claim(store, key, int(time.time()), None, force=True)
+    if door is None:
+        raise Fatal(f"no door {key.decode()[len(doors.PREFIX):]} to close (see doors), or its "
+                    "undo is running now")
+    outcome = doors.close(store, door, door_log())
+    if outcome != "closed":
+        raise Fatal(f"the undo of {door.address} failed ({outcome}): see the line above and doors")
+    print(f"{door.address}: action {door.action}'s door closed ({door.undo} ran)")
+
+
+def cmd_forget(store: Store, key: bytes) -> None:
+    door = doors.forget(store, key) if store.view() is not None else None
+    if door is None:
+        print(f"{key.decode()[len(doors.PREFIX):]}: no such door, nothing to forget")
+    else:
+        print(f"{door.address}: action {door.action}'s door forgotten; {door.undo} did not run")
+
+
+def cmd_sweep(store: Store) -> None:
+    closed = doors.sweep(store, door_log(), wait=True)
+    view = store.view()
+    waiting = [d for d in (doors.doors(view) if view is not None else []) if d.state == b"open"]
+    print(f"swept: {closed} doors past their close closed or tried, {len(waiting)} waiting")
 
 
 def cmd_unlock(store: Store, key: bytes) -> None:
@@ -276,8 +350,15 @@ def run(argv: list[str]) -> None:
         cmd_prune(store)
     elif command == "export":
         cmd_export(store, cfg)
-    else:
+    elif command == "reset":
         cmd_reset(store, "--force" in args)
+    elif command == "doors":
+        cmd_doors(store, "--json" in args)
+    elif command == "sweep":
+        cmd_sweep(store)
+    else:
+        key = door_key(parse_action(args[1]), parse_address(args[0], cfg, shown=True).decode())
+        (cmd_close if command == "close" else cmd_forget)(store, key)
 
 
 def body(argv: list[str]) -> None:

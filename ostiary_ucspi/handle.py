@@ -26,6 +26,10 @@ EXITS = {
          "(the client got nothing); --check found a problem",
 }
 LIMIT = 32  # never read more than a response's length
+# What the handler imports only when it needs it: ostiary-tcpserver -F imports
+# these once, before it forks the children that run main().
+PRELOAD = ("select", "ostiary_ucspi.protocol", "ostiary_ucspi.actions", "ostiary_ucspi.doors",
+           "ostiary_ucspi.supervise")
 
 
 def parse_args(argv: list[str]) -> tuple[str, str]:

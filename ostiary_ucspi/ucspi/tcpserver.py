@@ -2,7 +2,7 @@
 
 Usage: ostiary-tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ]
 [ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ]
-[ -t timeout ] host port program [ arg ... ]
+[ -t timeout ] [ -F module ] host port program [ arg ... ]
 
 Options, defaults, environment, log lines and messages are tcpserver's (see
 tcpserver(1)); messages are written as ``tcpserver: ...`` so that log readers
@@ -17,6 +17,16 @@ and every other descriptor the server opens are close-on-exec: ``program``
 gets only what the server itself inherited, plus descriptors 0 and 1. Like
 tcpserver, the server lets go of its own descriptors 0 and 1 once it listens
 (it points them at /dev/null).
+
+The forking mode, ``-F module`` (not tcpserver's): the server imports Python
+``module`` once, after dropping privileges, and for each connection forks a
+child that, with exactly what ``program`` would have had (descriptors 0 and
+1 the connection and no other above 2, the same environment, the signal
+dispositions of a freshly started Python and none blocked), calls ``module.main([program, arg ...])``
+instead of exec'ing ``program``; its return value is the child's exit status.
+Modules the module names in ``PRELOAD`` are imported once too. No exec and no
+interpreter start per connection, at the price of isolation: every child is a
+copy of the server's memory (see SECURITY.md).
 
 Like tcpserver, look-ups use djbdns's method, not the C library's
 (``dns.py``), and ident (-r) asks port 113 of the client (``ident.py``).
@@ -39,11 +49,10 @@ command line is resolved by the C library (IPv4 addresses only); a port
 above 65535 is refused rather than reduced modulo 65536; an unreadable rules
 file (a directory, say) drops the connection instead of crashing the child.
 
-Exit codes: 100 usage (bad option, missing host, port or program); 111 fatal
-(unknown port or host, unable to create, bind or listen, unable to set gid or
-uid); 0 after SIGTERM. Each child exits 100 when the rules deny the
+Exit codes: :data:`EXITS`. Each child exits 100 when the rules deny the
 connection, 111 when it drops it (rules file missing or unreadable, banner
-unwritable, program not runnable); otherwise it becomes ``program``.
+unwritable, program not runnable); otherwise it becomes ``program`` (with
+-F, exits with what ``module.main`` returns).
 """
 from __future__ import annotations
 
@@ -62,22 +71,23 @@ from .rules import unmapped
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn
+    from typing import Callable, NoReturn
 
 PROG = "ostiary-tcpserver"
 # Usage and fatal lines name this program; log lines (status, ok, end, deny,
 # warning) say "tcpserver:" as 0.88's do, for whatever reads the log.
 USAGE = ("ostiary-tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] "
          "[ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] "
-         "[ -t timeout ] host port program")
-OPTIONS = "dDvqQhHrR1UXx:t:u:g:l:b:B:c:pPoO"
+         "[ -t timeout ] [ -F module ] host port program")
+OPTIONS = "dDvqQhHrR1UXx:t:u:g:l:b:B:c:F:pPoO"
 DROP = "tcpserver: warning: dropping connection, "
 EXITS = {
     0: "stopped by SIGTERM (the server); --help, --version",
     100: "usage: a bad option, or host, port or program missing; "
          "a child: the rules deny the connection",
     111: "the port or host is unknown, or the socket cannot be created, bound or listened on, "
-         "or the gid or uid cannot be set; a child: the connection was dropped",
+         "or the gid or uid cannot be set, or the -F module cannot be imported; "
+         "a child: the connection was dropped",
 }
 
 # djb's error_str() wording for the errors tcpserver can meet.
@@ -179,6 +189,7 @@ class Options:
         self.uid = 0
         self.gid = 0
         self.print_port = False
+        self.fork_module: str | None = None
 
     def set(self, opt: str, value: str) -> None:
         """Apply one option, in command-line order (so -U and -u override each other)."""
@@ -199,6 +210,8 @@ class Options:
             self.banner = os.fsencode(value)
         elif opt == "l":
             self.localhost = os.fsencode(value)
+        elif opt == "F":
+            self.fork_module = value
         elif opt == "U":
             if "UID" in os.environ:
                 self.uid = number(os.environ["UID"])
@@ -366,8 +379,11 @@ class Server:
     tcpserver's work step by step, so the log lines are tcpserver's.
     """
 
-    def __init__(self, opts: Options, program: list[str], sock: socket.socket) -> None:
+    def __init__(self, opts: Options, program: list[str], sock: socket.socket,
+                 entry: "Callable[[list[str]], int] | None" = None) -> None:
+        """``entry``: -F's ``module.main``, called in each child instead of exec'ing ``program``."""
         self.opts = opts
+        self.entry = entry
         self.program = program
         self.sock = sock
         self.family = sock.family
@@ -376,7 +392,7 @@ class Server:
         self.running = 0
         self.verbose = opts.verbosity >= 2
         self.spawn = (opts.localhost is not None and not opts.remotehost
-                      and not opts.remoteinfo and not opts.banner)
+                      and not opts.remoteinfo and not opts.banner and entry is None)
         self.rules = None
         if opts.rules is not None:
             from . import rules
@@ -531,6 +547,8 @@ class Server:
         except OSError as e:
             self.say(f"{DROP}unable to set up descriptors: {error_text(e)}")
             return 111
+        if self.entry is not None:
+            return self.call(env)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         saved: OSError | None = None
@@ -546,6 +564,33 @@ class Server:
                         break
         self.say(f"{DROP}unable to run {self.program[0]}: {error_text(saved or last)}")
         return 111
+
+    def call(self, env: dict[bytes, bytes]) -> int:
+        """-F, in the child: become what exec'ing ``program`` would have made, then run it.
+
+        Descriptors 0, 1 and 2 only, ``env`` and nothing else, no signal
+        blocked and every one at its default but those a starting Python sets
+        (SIGPIPE and SIGXFSZ ignored, SIGINT KeyboardInterrupt): what a Python
+        program exec'd by a server started cleanly would have. Returns
+        ``entry``'s status.
+        """
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the listening socket, the wake-up pipe
+        signal.set_wakeup_fd(-1)
+        for sig in signal.valid_signals():
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):  # SIGKILL, SIGSTOP, the C library's own
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environb.update(env)
+        sys.argv = list(self.program)
+        status = self.entry(list(self.program))  # type: ignore[misc]
+        sys.stdout.flush()
+        return status
 
     def prepare(self, conn: socket.socket, peer: tuple
                 ) -> tuple[list[tuple[bytes, bytes | None]], bool, tuple]:
@@ -638,6 +683,27 @@ class Server:
         return env
 
 
+def preload(name: str) -> "Callable[[list[str]], int]":
+    """-F: import ``name`` (and what its ``PRELOAD`` names) once; return its ``main``.
+
+    Runs after the privileges are dropped. The objects it made are frozen out
+    of the garbage collector, so children do not copy the pages it would touch.
+    """
+    import gc
+    import importlib
+
+    try:
+        module = importlib.import_module(name)
+        for extra in getattr(module, "PRELOAD", ()):
+            importlib.import_module(extra)
+        entry = module.main
+    except Exception as e:  # ImportError, or whatever the module raised
+        raise Fatal(f"unable to import {name}: {type(e).__name__}: {e}") from None
+    gc.collect()
+    gc.freeze()
+    return entry  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; ``argv`` includes the program name, as sys.argv does."""
     argv = sys.argv if argv is None else argv
@@ -659,8 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # as tcpserver: no traceback, just gone
     try:
         sock = open_listener(opts, operands[0], operands[1])
+        entry = None if opts.fork_module is None else preload(opts.fork_module)
     except Fatal as e:
         if opts.verbosity:
             fail.say(PROG, "fatal", e.text)
         return fail.FATAL
-    Server(opts, operands[2:], sock).serve()
+    Server(opts, operands[2:], sock, entry).serve()

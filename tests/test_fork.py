@@ -1,0 +1,155 @@
+"""ostiary-tcpserver -F: the forked child gets what the exec'd program gets, and serves the same."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import project_tool, wait_for
+from handler_util import KILL, OPEN, SALT_LEN, Rig, knock, rig  # noqa: F401 (rig: a fixture)
+
+from ostiary_ucspi.policy import STOPPED
+
+RECORDER = textwrap.dedent('''\
+    """Writes what it was started with to the file named by argv[1]."""
+    import json, os, sys
+
+    def main(argv):
+        status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines()
+                      if ":\\t" in line)
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        kinds = {fd: os.readlink(f"/proc/self/fd/{fd}").split(":")[0] for fd in (0, 1, 2)}
+        with open(argv[1], "w") as f:
+            json.dump({"argv": argv[2:], "env": dict(os.environ), "fds": fds, "kinds": kinds,
+                       "sigign": status["SigIgn"], "sigblk": status["SigBlk"],
+                       "cwd": os.getcwd(), "umask": os.umask(0)}, f)
+        return 0
+
+    if __name__ == "__main__":
+        sys.exit(main(sys.argv))
+''')
+
+
+def clean_signals() -> None:
+    """Start the server as init would: every signal at its default, none blocked."""
+    for sig in signal.valid_signals():
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+@contextmanager
+def shim(*args: str, env: dict[str, str], log: Path) -> Iterator[int]:
+    """Run ostiary-tcpserver -1 ... on 127.0.0.1; yield the port it printed."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([project_tool("ostiary-tcpserver"), "-1", *args],
+                                stdout=subprocess.PIPE, stderr=err, env=env,
+                                preexec_fn=clean_signals)
+    try:
+        port = int(proc.stdout.readline())
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def recorded(tmp_path: Path, fork: bool) -> dict:
+    """What the recorder saw of one connection, started by exec or by -F."""
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    script = tmp_path / "recorder"
+    script.write_text(f"#!{sys.executable}\n" + RECORDER)
+    script.chmod(0o755)
+    out = tmp_path / ("fork.json" if fork else "exec.json")
+    # LC_ALL set: an exec'd Python adds no LC_CTYPE of its own (PEP 538 coercion).
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "ODD": "a b\tc",
+           "LC_ALL": "C.UTF-8"}
+    # -r (ident, refused at once on loopback) keeps the exec'd program off the posix_spawn
+    # path, whose glibc leaves its internal signals 32 and 33 ignored in the program.
+    flags = ["-Hrl0", "-t1", "-x", str(rules(tmp_path))] + (["-F", "recorder"] if fork else [])
+    with shim(*flags, "127.0.0.1", "0", str(script), str(out), "extra arg", env=env,
+              log=tmp_path / "log") as port:
+        knock(port)
+        wait_for(out.exists, 10, "the recorder")
+        time.sleep(0.1)
+    return json.loads(out.read_text())
+
+
+def rules(tmp_path: Path) -> Path:
+    """A rules CDB that sets a variable, as tcprules would."""
+    cdb = tmp_path / "rules.cdb"
+    subprocess.run([project_tool("ostiary-tcprules"), str(cdb), str(tmp_path / "rules.tmp")],
+                   input=b':allow,RULEVAR="from the rules"\n', check=True)
+    return cdb
+
+
+def test_the_forked_child_gets_what_the_exec_d_program_gets(tmp_path: Path) -> None:
+    by_exec, by_fork = recorded(tmp_path, False), recorded(tmp_path, True)
+    for seen in (by_exec, by_fork):
+        for name in ("TCPREMOTEPORT", "TCPLOCALPORT"):  # two servers, two connections
+            seen["env"].pop(name)
+    assert by_fork == by_exec
+    assert by_fork["env"]["RULEVAR"] == "from the rules" and by_fork["env"]["ODD"] == "a b\tc"
+    assert by_fork["argv"] == ["extra arg"]
+    assert by_fork["kinds"]["0"] == by_fork["kinds"]["1"] == "socket"
+    assert int(by_fork["sigblk"], 16) == 0
+
+
+def test_the_listening_socket_is_not_inherited(tmp_path: Path) -> None:
+    seen = recorded(tmp_path, True)
+    assert seen["fds"][:3] == [0, 1, 2] and len(seen["fds"]) == 4  # the listdir's own
+    ignored = {n + 1 for n in range(64) if int(seen["sigign"], 16) >> n & 1}
+    assert ignored == {signal.SIGPIPE, signal.SIGXFSZ}  # as a starting Python sets them
+
+
+def test_an_unimportable_module_is_fatal(tmp_path: Path) -> None:
+    r = subprocess.run([project_tool("ostiary-tcpserver"), "-F", "no_such_module_here",
+                        "127.0.0.1", "0", "true"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 111
+    assert r.stderr.startswith("ostiary-tcpserver: fatal: unable to import no_such_module_here: ")
+
+
+@contextmanager
+def forking(rig: Rig) -> Iterator[int]:
+    """The handler behind ostiary-tcpserver -F, the rig's config; yield the port."""
+    with shim("-v", "-HRl0", "-F", "ostiary_ucspi.handle", "127.0.0.1", "0",
+              "ostiary-handle", "-c", str(rig.cfg), env=rig.env(), log=rig.log) as port:
+        yield port
+
+
+def test_a_config_edit_is_seen_at_the_next_connection(rig: Rig) -> None:
+    with forking(rig) as port:
+        assert len(knock(port, OPEN)) == SALT_LEN
+        rig.wait_runs("open")
+        rig.action("other")
+        rig.write_config('ACTION="a-new-passphrase-here","%s/other"' % rig.bin)
+        assert len(knock(port, b"a-new-passphrase-here")) == SALT_LEN
+        rig.wait_runs("other")
+
+
+def test_lockout_kill_actions_undo_and_32_bytes_only(rig: Rig) -> None:
+    rig.action("undo")
+    rig.write_config(open_action=False)
+    rig.cfg.write_text(f'ACTION="{OPEN.decode()}","{rig.bin}/open"\nUNDO=1,"{rig.bin}/undo"\n'
+                       + rig.cfg.read_text())
+    with forking(rig) as port:
+        for _ in range(3):  # wrong, far too long: only 32 bytes come back, ever
+            got = knock(port, response_bytes=b"w" * 100)
+            assert len(got) == SALT_LEN
+        assert knock(port, OPEN) == b""  # locked out: closed at once
+        rig.wait_log("locked out after 3 bad connections")
+        got = knock(port, OPEN, source="127.0.0.2")
+        assert len(got) == SALT_LEN
+        rig.wait_runs("open")
+        rig.wait_runs("undo")  # the door closes under -F too
+        assert len(knock(port, KILL, source="127.0.0.3")) == SALT_LEN
+        wait_for(lambda: rig.store_view().get(STOPPED), 10, "the stopped state")
+        assert knock(port, OPEN, source="127.0.0.4") == b""
+    assert os.path.exists(rig.db)
+

@@ -10,8 +10,9 @@ child has exited (a handler may go on working after it hangs up). The
 server's own CPU time (parent only) and its children's are read from /proc.
 
 Programs (--program):
-  handle  ostiary-handle with a throw-away config (DELAY=0, ACTION /bin/true):
-          the client reads the salt and sends the right response (production path)
+  handle  ostiary-handle with the shipped examples/ostiary.cfg (its log level, its
+          actions; DELAY=0 as shipped), the store in a temporary directory: the
+          client reads the salt and proves the /bin/echo ACTION's passphrase
   true    /bin/true: the server's own cost per connection
   python  python3 -S -c pass: a small Python program
   or any command after ``--``, e.g. ``bench/shim.py -- /bin/cat /etc/hostname``
@@ -20,7 +21,14 @@ Prints, per server, the median connections/second and milliseconds per
 connection, CPU per connection (parent; children), and the ratio shim/real
 of the medians. Goal with ``handle``: ratio >= 0.9.
 
-Usage: python3 bench/shim.py [--program handle|true|python] [--conns N]
+``--fork`` runs the shim as ``ostiary-tcpserver -F ostiary_ucspi.handle``
+(handle only): no exec per connection. It also holds LIMIT connections open
+after their salt and reads each live child's private memory (USS:
+Private_Clean + Private_Dirty of /proc/PID/smaps_rollup), for both servers.
+Goals: conn/s ratio >= 10, CPU per connection ratio <= 0.1, USS <= 1 MiB.
+The servers' log (LOG_INFO, as shipped) goes to a file, as multilog's would.
+
+Usage: python3 bench/shim.py [--program handle|true|python] [--fork] [--conns N]
        [--rounds R] [-c LIMIT] [--concurrency K] [-- command ...]
 Needs only the standard library, tcpserver (ucspi-tcp) and this project installed.
 """
@@ -40,7 +48,8 @@ import sysconfig
 import tempfile
 import time
 
-SECRET = b"bench-passphrase-0123456789"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = b"example-hello-passphrase"  # examples/ostiary.cfg's /bin/echo ACTION
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -54,12 +63,15 @@ def tool(name: str) -> str:
 
 
 def handle_config(work: str) -> str:
-    """Write an ostiary.cfg for the benchmark; return its path."""
+    """Copy the shipped examples/ostiary.cfg, its store moved into ``work``; return its path."""
+    with open(os.path.join(REPO, "examples", "ostiary.cfg")) as f:
+        text = f.read()
+    lines = [f"LOCKOUT_DB={work}/lockout.cdb" if line.startswith("LOCKOUT_DB=") else line
+             for line in text.splitlines()]
     cfg = os.path.join(work, "ostiary.cfg")
-    with open(cfg, "w") as f:
-        f.write(f'KILL="bench-kill-passphrase-0123"\nACTION="{SECRET.decode()}","/bin/true"\n'
-                f"LOCKOUT_DB={work}/lockout.cdb\nDELAY=0\nMAX_BAD_CONNS=100000\n"
-                "MIN_LOGLEVEL=LOG_ERR\n")
+    fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
     return cfg
 
 
@@ -96,6 +108,9 @@ def load(port: int, total: int, concurrency: int, respond: bool) -> None:
     while finished < total:
         while started < total and started - finished < concurrency:
             s = socket.socket()
+            # Clients from many loopback addresses, as users come from many: one address
+            # gets at most MAX_BAD_CONNS salts at a time (each charge precedes its salt).
+            s.bind((f"127.0.0.{2 + started % 250}", 0))
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
             sel.register(s, selectors.EVENT_READ, [b"", False])
@@ -113,17 +128,59 @@ def load(port: int, total: int, concurrency: int, respond: bool) -> None:
                     state[1] = True
                 continue
             if respond and not state[1]:
-                raise SystemExit(f"bench: connection closed after {len(state[0])} bytes, no salt")
+                raise SystemExit(f"bench: connection closed after {len(state[0])} bytes, no salt"
+                                 f" (see the servers' log)")
             sel.unregister(s)
             s.close()
             finished += 1
     sel.close()
 
 
-def measure(argv: list[str], conns: int, concurrency: int, respond: bool) -> dict[str, float]:
-    """Start one server, warm it up, time ``conns`` connections; return the figures."""
+def start(argv: list[str], log: str) -> subprocess.Popen:
+    """Start a server (its port on stdout, its log appended to ``log``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCP")}
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+    with open(log, "ab") as err:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env)
+
+
+def private_kib(pid: int) -> int:
+    """USS of ``pid``: its private pages, clean and dirty, in KiB."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
+def uss(argv: list[str], held: int, log: str) -> float:
+    """Hold ``held`` connections after their salt; return the mean USS (KiB) of the children."""
+    server = start(argv, log)
+    socks = []
+    try:
+        port = int(server.stdout.readline())
+        for n in range(held):
+            s = socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.1.{n + 2}", 0))
+            s.recv(32)
+            socks.append(s)
+        deadline = time.monotonic() + 10
+        while len(children(server.pid)) < held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # each child is in its exchange now, waiting for the response
+        kids = children(server.pid)
+        return statistics.mean(private_kib(pid) for pid in kids)
+    finally:
+        for s in socks:
+            s.close()
+        server.terminate()
+        server.wait()
+        server.stdout.close()
+
+
+def measure(argv: list[str], conns: int, concurrency: int, respond: bool,
+            log: str) -> dict[str, float]:
+    """Start one server, warm it up, time ``conns`` connections; return the figures."""
+    server = start(argv, log)
     try:
         port = int(server.stdout.readline())
         load(port, 2 * concurrency, concurrency, respond)
@@ -151,10 +208,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="runs of each server, interleaved")
     ap.add_argument("-c", dest="limit", type=int, default=8, help="tcpserver -c (both)")
     ap.add_argument("--concurrency", type=int, help="client connections in flight (default: -c)")
+    ap.add_argument("--fork", action="store_true",
+                    help="the shim forks the imported handler (-F), no exec (handle only)")
     ap.add_argument("command", nargs="*", help="program to run instead (after --)")
     args = ap.parse_args()
+    if args.fork and (args.command or args.program != "handle"):
+        ap.error("--fork runs ostiary-handle only")
     concurrency = args.concurrency or args.limit
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work:  # runners may linger
         respond = False
         if args.command:
             program, name = args.command, " ".join(args.command)
@@ -167,13 +228,17 @@ def main() -> int:
             program, name = [sys.executable, "-S", "-c", "pass"], "python3 -S -c pass"
         conns = args.conns or (2000 if program == ["/bin/true"] else 300)
         flags = ["-1", "-HRl0", "-c", str(args.limit), "127.0.0.1", "0"]
+        fork = ["-F", "ostiary_ucspi.handle"] if args.fork else []
         servers = {"real": [tool("tcpserver")] + flags + program,
-                   "shim": [tool("ostiary-tcpserver")] + flags + program}
+                   "shim": [tool("ostiary-tcpserver")] + fork + flags + program}
+        log = os.path.join(work, "log")
         results: dict[str, list[dict[str, float]]] = {"real": [], "shim": []}
         for _ in range(args.rounds):
             for which in ("real", "shim"):
-                results[which].append(measure(servers[which], conns, concurrency, respond))
-    print(f"program: {name}")
+                results[which].append(measure(servers[which], conns, concurrency, respond, log))
+        memory = {w: uss(servers[w], args.limit, log) for w in servers} if args.fork else {}
+    print(f"program: {name}" + ("; shim: -F ostiary_ucspi.handle (forks, no exec)"
+                                 if args.fork else ""))
     print(f"both: -HRl0 -c {args.limit}; {concurrency} clients in flight; {conns} connections "
           f"per run; {args.rounds} runs each, interleaved real/shim; "
           f"python {sys.version.split()[0]}")
@@ -191,6 +256,12 @@ def main() -> int:
     extra = medians["shim"]["ms"] - medians["real"]["ms"]
     print(f"ratio shim/real (conn/s): {ratio:.3f}   "
           f"extra time per connection: {extra * 1000:+.0f} us")
+    if args.fork:
+        cpu_of = {w: medians[w]["parent_us"] + medians[w]["kids_us"] for w in medians}
+        print(f"CPU per connection, shim/real: {cpu_of['shim'] / cpu_of['real']:.3f} (goal <= 0.1)"
+              f"   conn/s goal >= 10")
+        print(f"USS per live handler child: real {memory['real']:.0f} KiB, "
+              f"shim {memory['shim']:.0f} KiB (goal <= 1024)")
     return 0
 
 

@@ -125,6 +125,8 @@ def split_fields(text: str, where: str) -> list[tuple[str, bool]]:
 
 def strip_comment(line: str) -> str:
     """Drop a ``#`` comment that is not inside a quoted string."""
+    if '"' not in line:  # most lines: no string to skip
+        return line.partition("#")[0]
     quoted = False
     i = 0
     while i < len(line):

@@ -145,7 +145,7 @@ def start(cfg: Config, action: Action, what: str, ip: str, log: logmod.Log, stor
         return
     from . import doors
 
-    doors.doors(store.view())  # a damaged door record: no action runs (StoreCorrupt)
+    doors.doors(store.last_view)  # a damaged door record: no action runs (StoreCorrupt)
     then = None
     if action.undo:
         close_at = doors.arm(store, number, ip, action.undo, action.undo_delay, uid, gid,

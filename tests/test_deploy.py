@@ -527,8 +527,13 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
         argv = cmdline.rstrip("\0").split("\0")
         assert any(a.endswith("ostiary-tcpserver") for a in argv), argv
-        assert argv[-9:-4] == ["-c", "10", "-x", f"{target}/tcprules/ostiary.cdb",
-                               "127.0.0.1"], argv
+        assert argv[-12:-7] == ["-c", "10", "-x", f"{target}/tcprules/ostiary.cdb",
+                                "127.0.0.1"], argv
+        # the handler starts without site, under its own interpreter (bin/ostiary-handle)
+        handler = project_tool("ostiary-handle")
+        with open(handler) as f:
+            python = f.readline()[2:].split()[0]
+        assert argv[-6:-1] == [python, "-I", "-S", str(bin_dir / "ostiary-handle"), "-c"], argv
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)

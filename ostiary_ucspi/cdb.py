@@ -1,22 +1,25 @@
-"""CDB files: write them exactly as djb's cdbmake does, check a header before trusting it.
+"""CDB files: write them exactly as djb's cdbmake does, check a header, look keys up.
 
-Reading is pure-cdb's ``cdblib.Reader``. Writing is not ``cdblib.Writer``:
-pure-cdb 4 takes a hash-table slot whose hash is 0 for an empty one and can
-overwrite it, silently dropping a record (the key ``39.160.226.88`` hashes to
-0). Both tcprules CDBs and lockout snapshots are written and checked here: a
-leaf shared by the handler's store and the ucspi-tcp shim.
+Writing is not pure-cdb's ``cdblib.Writer``: pure-cdb 4 takes a hash-table
+slot whose hash is 0 for an empty one and can overwrite it, silently dropping
+a record (the key ``39.160.226.88`` hashes to 0); pure-cdb's C ``djb_hash``
+serves the writer, where a compaction hashes every key. Reading the lockout
+store is :class:`Reader` here, not pure-cdb's: the handler's every connection
+looks up a key or two, and importing pure-cdb (four modules, one of them C)
+cost more than the look-ups. Both tcprules CDBs and lockout snapshots are
+written and checked here: a leaf shared by the handler's store and the
+ucspi-tcp shim.
 """
 import struct
 
-from cdblib import djb_hash
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the handler's start-up an re and enum import
-    from typing import BinaryIO
+    from typing import BinaryIO, Iterator
 
 HEADER_LEN = 2048  # 256 (position, slots) pairs of 4 bytes each
 MAX_SIZE = 0xFFFFFFFF  # 32-bit positions
 _pair = struct.Struct("<LL").pack
+_unpair = struct.Struct("<LL").unpack_from
 _header = struct.Struct("<512L").unpack_from
 
 
@@ -44,8 +47,63 @@ def check_header(data: "bytes | memoryview | object") -> tuple[int, ...]:
     return header
 
 
+def hash_key(key: bytes) -> int:
+    """djb's cdb hash: h = 5381; h = (h * 33) ^ byte, modulo 2**32."""
+    h = 5381
+    for c in key:
+        h = ((h * 33) & 0xFFFFFFFF) ^ c
+    return h
+
+
+class Reader:
+    """A CDB held in memory (bytes or an mmap) whose header :func:`check_header` passed."""
+
+    __slots__ = ("data", "header")
+
+    def __init__(self, data: "bytes | object") -> None:
+        self.data = data
+        self.header = check_header(data)
+
+    def get(self, key: bytes) -> bytes | None:
+        """Return the first value stored for ``key``, or None; CdbError if the file lies."""
+        h = hash_key(key)
+        table, slots = self.header[2 * (h & 255)], self.header[2 * (h & 255) + 1]
+        data = self.data
+        i = (h >> 8) % slots if slots else 0
+        try:
+            for _ in range(slots):
+                stored, where = _unpair(data, table + 8 * i)  # type: ignore[arg-type]
+                if where == 0:
+                    return None
+                if stored == h:
+                    klen, vlen = _unpair(data, where)  # type: ignore[arg-type]
+                    start = where + 8
+                    if data[start:start + klen] == key:  # type: ignore[index]
+                        return data[start + klen:start + klen + vlen]  # type: ignore[index, no-any-return]
+                i = (i + 1) % slots
+        except struct.error:
+            raise CdbError("a hash table points past the end") from None
+        return None
+
+    def items(self) -> "Iterator[tuple[bytes, bytes]]":
+        """Every record in file order (the records end where the first table begins)."""
+        data, end, where = self.data, self.header[0], HEADER_LEN
+        while where < end:
+            try:
+                klen, vlen = _unpair(data, where)  # type: ignore[arg-type]
+            except struct.error:
+                raise CdbError("a record runs past the end") from None
+            start = where + 8
+            if start + klen + vlen > end:
+                raise CdbError("a record runs into the hash tables")
+            yield data[start:start + klen], data[start + klen:start + klen + vlen]  # type: ignore[index]
+            where = start + klen + vlen
+
+
 def write_cdb(out: "BinaryIO", records: list[tuple[bytes, bytes]]) -> None:
     """Write ``records`` to seekable ``out`` (same bytes as cdbmake for the same order)."""
+    from cdblib import djb_hash  # C, for the many keys of a compaction: the same as hash_key
+
     if HEADER_LEN + sum(24 + len(k) + len(v) for k, v in records) > MAX_SIZE:
         raise OSError("too large for a cdb (4 GB)")
     out.write(b"\0" * HEADER_LEN)

@@ -36,9 +36,7 @@ from fcntl import LOCK_EX, flock
 from mmap import ACCESS_READ, mmap
 from struct import unpack_from
 
-from cdblib import Reader
-
-from .cdb import HEADER_LEN, CdbError, check_header
+from .cdb import HEADER_LEN, CdbError, Reader
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,23 +60,6 @@ class StoreError(Exception):
 
 class StoreCorrupt(StoreError):
     """A store file does not parse: fail closed."""
-
-
-class Snapshot(Reader):
-    """pure-cdb's Reader over a mapped CDB, built from the header check_header returned.
-
-    pure-cdb's own constructor parses those 2 KiB again, slice by slice:
-    that took more time than the lookup itself.
-    """
-
-    def __init__(self, data: mmap, header: tuple[int, ...]) -> None:
-        self.data = data
-        self.file_obj = None
-        self.mmap_obj = None
-        self.index = list(zip(header[0::2], header[1::2]))
-        self.table_start = header[0]
-        self.length = sum(header[1::2]) >> 1
-        super(Reader, self).__init__()
 
 
 def journal_lines(pending: dict[bytes, bytes], crc: int) -> bytes:
@@ -149,7 +130,7 @@ class Journal:
 class View:
     """A consistent picture of the store: a snapshot and its journal."""
 
-    def __init__(self, path: str, reader: Snapshot, gen: int, journal: Journal | None) -> None:
+    def __init__(self, path: str, reader: Reader, gen: int, journal: Journal | None) -> None:
         """``journal`` is None when no journal of this generation exists."""
         self.path = path
         self.reader = reader
@@ -163,14 +144,20 @@ class View:
             return self.cache[key]
         value = None if self.journal is None else self.journal.last(key)
         if value is None:
-            value = self.reader.get(key)
+            try:
+                value = self.reader.get(key)
+            except CdbError as e:
+                raise StoreCorrupt(f"{self.path}: {e}") from None
         value = None if value == DELETED else value
         self.cache[key] = value
         return value
 
     def items(self) -> dict[bytes, bytes]:
         """Return every live key and value (the snapshot with the journal folded in)."""
-        items = dict(self.reader.iteritems())
+        try:
+            items = dict(self.reader.items())
+        except CdbError as e:
+            raise StoreCorrupt(f"{self.path}: {e}") from None
         del items[GEN_KEY]
         if self.journal is not None:
             items.update(self.journal.records())
@@ -250,7 +237,7 @@ class Store:
                 return None
             data, identity = mapped
             try:
-                reader = Snapshot(data, check_header(data))
+                reader = Reader(data)
             except CdbError as e:
                 raise StoreCorrupt(f"{self.path}: {e}") from None
             gen_raw = reader.get(GEN_KEY)

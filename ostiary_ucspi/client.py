@@ -547,6 +547,9 @@ def parse_config(path: str, text: bytes) -> dict[str, Settings]:
             if not value.startswith("/"):
                 raise bad("secret-file must be an absolute path or start with ~/")
         current.values[flag], current.lines[flag] = value, number
+        given = [KEY_OF[x] for x in SOURCES if x in current.values]
+        if len(given) > 1:
+            raise bad(f"{given[0]} and {given[1]} both name a passphrase: give one")
         if flag in CHECKS:
             parse, *what = CHECKS[flag]
             current.check(flag, parse, *what)

@@ -512,9 +512,12 @@ def parse_config(path: str, text: bytes) -> dict[str, Settings]:
     """Parse a file of targets into {name: settings}, checking every value; errors name path:line."""
     stanzas: dict[str, Settings] = {}
     current: Settings | None = None
+    number = 0
+
+    def bad(why: str) -> fail.Fatal:
+        return fail.Fatal(f"{path}:{number}: {why}", EXIT_CONFIG)
+
     for number, raw in enumerate(text.split(b"\n"), 1):
-        def bad(why: str) -> fail.Fatal:
-            return fail.Fatal(f"{path}:{number}: {why}", EXIT_CONFIG)
         try:
             line = raw.decode().strip()
         except UnicodeDecodeError:

@@ -101,9 +101,10 @@ def test_new_usage_errors(argv, text):
 def test_secret_command_first_line_is_the_passphrase(serve):
     srv = serve()
     # stdin is /dev/null: cat reads nothing of ours; the second line is ignored.
-    proc = run_client("-a", srv.addr, "--secret-command", "cat; printf 'pw word \\r\\nnext\\n'",
-                      input="not for the command\n")
+    proc = run_client("-v", "-a", srv.addr, "--secret-command",
+                      "cat; printf 'pw word \\r\\nnext\\n'", input="not for the command\n")
     assert proc.returncode == 0, proc.stderr
+    assert "pw word" not in proc.stderr and "next" not in proc.stderr
     assert srv.answered() == [response(b"pw word", srv.salt)]
 
 

@@ -197,8 +197,8 @@ def sshd(knock, tmp_path):
         return [ssh, "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                 "-i", str(tmp_path / "user_key"), "-o", "BatchMode=yes",
-                "-o", f"ProxyCommand={project_tool('ostiary-client')} -a {k.addr} {proxy}"
-                      " --connect %h:%p --wait 20",
+                "-o", (f"ProxyCommand={project_tool('ostiary-client')} -a {k.addr} {proxy}"
+                       " --connect %h:%p --wait 20"),
                 "-p", str(k.door), f"{user}@127.0.0.1", "echo", "ok"]
     return k, argv
 
@@ -211,7 +211,7 @@ def test_ssh_proxycommand_runs_a_remote_command(sshd):
 
 
 def test_ssh_proxycommand_prompts_on_the_terminal(sshd):
-    k, argv = sshd
+    _, argv = sshd
     cmd = argv("")
     child = pexpect.spawn(cmd[0], cmd[1:], timeout=60)
     try:

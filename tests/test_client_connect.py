@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ class Knock:
 
     def start(self, door_command: str, host: str = "127.0.0.1") -> Knock:
         """Serve knocks on host; the action runs ``door_command`` (PORT, OUT filled in)."""
-        family = client.socket.AF_INET6 if ":" in host else client.socket.AF_INET
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.door = free_port(family, host)
         action = self.root / "open-door"
         command = door_command.format(PORT=self.door, OUT=self.root / "door", HOST=host)

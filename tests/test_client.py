@@ -166,11 +166,11 @@ def secret_file(tmp_path: Path, content: bytes, mode: int = 0o600) -> str:
     return str(path)
 
 
-def fatal(proc: subprocess.CompletedProcess) -> str:
-    """Check that a failure printed exactly one fatal line, and return it."""
+def fatal(proc: subprocess.CompletedProcess, kind: str = "fatal") -> str:
+    """Check that a failure printed exactly one ``kind`` line, and return it."""
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("ostiary-client: fatal: "), proc.stderr
+    assert proc.stderr.startswith(f"ostiary-client: {kind}: "), proc.stderr
     return proc.stderr
 
 
@@ -361,7 +361,7 @@ def test_exit_statuses_are_distinct_and_documented():
 def test_usage_errors(args):
     proc = run_client(*args)
     assert proc.returncode == client.EXIT_USAGE
-    assert "usage: ostiary-client -a host[:port]" in fatal(proc)
+    assert "usage: ostiary-client -a host[:port]" in fatal(proc, "usage")
 
 
 def test_nothing_listening_is_refused():

@@ -42,5 +42,5 @@ def test_every_program_has_a_transcript() -> None:
     installed = {line.split("=")[0].strip() for line in
                  (RTS.parent.parent / "pyproject.toml").read_text().splitlines()
                  if line.startswith("ostiary-")}
-    assert installed | {"ostiary-handle"} <= set(EXPECTED) | {"ostiary-client"}
+    assert installed | {"ostiary-handle"} <= set(EXPECTED)
     assert os.path.exists(RTS / "rts.tests")

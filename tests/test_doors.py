@@ -253,3 +253,19 @@ def test_actions_start_with_every_signal_default_and_none_blocked(rig: Rig) -> N
                   (rig.out / "open.status").read_text().splitlines() if ":\t" in line)
     assert int(status["SigIgn"], 16) == 0
     assert int(status["SigBlk"], 16) == 0
+
+
+def test_two_handlers_noticing_one_overdue_door_run_it_once(rig: Rig) -> None:
+    undo_config(rig, 1)
+    knock(rig)
+    kill_runners(rig)
+    sleep_past_close(rig, doors.GRACE + 0.2)
+    handlers = [rig.start(remote_ip=f"192.0.2.{n}") for n in (31, 32, 33)]  # at once
+    for h in handlers:
+        h.talk(b"wrong")
+    for h in handlers:
+        assert h.wait() == 0
+    wait_for(lambda: undo_times(rig), 10, "the sweepers' undo")
+    wait_for(lambda: not runners(rig), 10, "the sweepers to finish")
+    assert len(undo_times(rig)) == 1
+    assert door_list(rig) == []

@@ -151,6 +151,6 @@ def test_check_reports_every_unsafe_action(world):
     for c in cases:
         line = next(i for i, x in enumerate(text, 1) if c.secret.decode() in x)
         hits = [x for x in proc.stderr.splitlines()
-                if x.startswith(f"ostiary-handle: fatal: {site.cfg.name}:{line}: ")]
+                if x.startswith(f"ostiary-handle: fatal: {site.cfg}:{line}: ")]  # as given
         assert len(hits) == (c.runs_as is None), (c.name, proc.stderr)
         assert all(c.why in x for x in hits), (c.name, hits)

@@ -20,6 +20,7 @@ from typing import Iterator
 import pytest
 
 from conftest import IN_CI, ROOT, project_tool, require_tool, wait_for
+from handler_util import OPEN, SALT_LEN, Handler, Rig, rig, tcp_pair
 from ostiary_ucspi.actions import SAFE_PATH
 from ostiary_ucspi.address import parse
 
@@ -125,6 +126,26 @@ def test_open_lets_the_address_in_and_close_takes_it_out(netns, kind, address, f
         r = netns.run(ACTIONS / closer, address)
         assert (r.returncode, r.stdout) == (0, f"{closer}: ssh closed for {address}\n")
     assert netns.elements(kind, family) == {}
+
+
+@pytest.mark.parametrize("kind", ["nft", "ipset"])
+def test_a_knock_opens_the_door_and_its_undo_closes_it(netns, rig: Rig, kind):
+    """ostiary-handle runs in the namespace: its ACTION and UNDO are the samples."""
+    load_base(netns, kind)
+    rig.write_config(f'ACTION="{OPEN.decode()}","{ACTIONS / OPENERS[kind]}",0,0',
+                     f'UNDO=3,"{ACTIONS / CLOSERS[kind]}"', open_action=False)
+    client, server = tcp_pair()
+    with open(rig.log, "ab") as log:
+        proc = subprocess.Popen([netns.ip, "netns", "exec", netns.name, *rig.argv()],
+                                stdin=server, stdout=server, stderr=log,
+                                env=rig.env({"TCPREMOTEIP": "2001:db8::7"}))
+    server.close()
+    rig.procs.append(proc)
+    assert len(Handler(proc, client).talk(OPEN)) == SALT_LEN
+    left = wait_for(lambda: netns.elements(kind, "6"), 10, "the action to open the door")
+    assert list(left) == ["2001:db8::7"] and left["2001:db8::7"] > 3000
+    wait_for(lambda: netns.elements(kind, "6") == {}, 20, "the undo to close the door")
+    rig.wait_log(f"{CLOSERS[kind]}: ssh closed for 2001:db8::7")
 
 
 @pytest.mark.parametrize("kind", ["nft", "ipset"])

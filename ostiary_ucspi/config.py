@@ -58,6 +58,7 @@ class Config:
         self.actions: list[Action] = []
         self.lockout_action: Action | None = None
         self.lockout_db = DEFAULT_DB
+        self.editor = 0  # who besides root may edit the file (-1: a group): see store.StateDir
         self.delay = 5
         self.comm_timeout = 5
         self.max_bad_conns = 3
@@ -190,18 +191,20 @@ def load(path: str) -> Config:
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
-            world_writable = os.fstat(f.fileno()).st_mode & 0o002
+            st = os.fstat(f.fileno())
             raw = f.read()
     except OSError as e:
         raise ConfigError(f"{name}: unable to read: {e.strerror}") from None
-    if world_writable:
+    if st.st_mode & 0o002:
         raise ConfigError(f"{name}: anyone may write to it (chmod 600): refusing it")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{name}:{line}: not valid UTF-8") from None
-    return parse(text, path)
+    cfg = parse(text, path)
+    cfg.editor = -1 if st.st_mode & 0o020 and st.st_gid else st.st_uid
+    return cfg
 
 
 def parse(text: str, path: str) -> Config:

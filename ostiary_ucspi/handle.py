@@ -127,7 +127,7 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         log(logmod.ERR, f"{e}: closed")
         return 111
     now = int(time.time())
-    store = Store(cfg.lockout_db, keep=keeper(cfg, now))
+    store = Store(cfg.lockout_db, keep=keeper(cfg, now), editor=cfg.editor)
     try:
         return knock(cfg, store, key, ip, log, inetd, now)
     except StoreCorrupt as e:

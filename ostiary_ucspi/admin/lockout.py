@@ -262,7 +262,7 @@ def run(argv: list[str]) -> None:
     except ConfigError as e:
         raise Fatal(str(e)) from None
     now = int(time.time())
-    store = Store(cfg.lockout_db, keep=keeper(cfg, now))
+    store = Store(cfg.lockout_db, keep=keeper(cfg, now), editor=cfg.editor)
     if command != "reset":
         store.check_usable()
     if command == "list":

@@ -17,7 +17,8 @@ short. Readers take no lock: they map the snapshot, read and check the
 journal, and search it from the end.
 
 When the journal outgrows a sixteenth of the snapshot (at least 16 KiB, at
-most 128 KiB), the writer folds it in, dropping what ``keep`` rejects: a new
+most 128 KiB), the writer that grew it folds it in afterwards
+(:meth:`Store.compact_due`, once its client is gone), dropping what ``keep`` rejects: a new
 snapshot of generation N+1 (temp file, fsync, rename, fsync of the directory),
 then an empty journal of generation N+1 (the same way). A journal one
 generation behind its snapshot was already folded in, so a crash between the
@@ -158,12 +159,14 @@ class Journal:
 class View:
     """A consistent picture of the store: a snapshot and its journal."""
 
-    def __init__(self, path: str, reader: Snapshot, gen: int, journal: Journal | None) -> None:
-        """``journal`` is None when no journal of this generation exists."""
+    def __init__(self, path: str, reader: Snapshot, gen: int, journal: Journal | None,
+                 marked: bool = False) -> None:
+        """``journal`` is None when no journal of this generation exists; ``marked``: see Store.mark."""
         self.path = path
         self.reader = reader
         self.gen = gen
         self.journal = journal
+        self.marked = marked
         self.cache: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
@@ -277,6 +280,7 @@ class Store:
         self.name = os.path.basename(path)
         self.keep = keep
         self.editor = editor
+        self.due = False  # a write of ours left the journal past its threshold
 
     def state_dir(self) -> StateDir:
         """Return the state directory, to enter (see :class:`StateDir`)."""
@@ -341,11 +345,14 @@ class Store:
     def _view(self, dfd: int) -> View | None:
         """:meth:`view`, in the state directory ``dfd``."""
         jname = self.name + ".journal"
+        marked = exists(dfd, self.name + MARK)
         for _ in range(50):
             mapped = self._map(dfd)
             if mapped is None:
                 if exists(dfd, jname):
                     raise StoreCorrupt(f"{self.path}: missing, but its journal exists")
+                if marked:
+                    raise StoreCorrupt(f"{self.path}: missing, but {self.path}{MARK} exists")
                 return None
             data, identity = mapped
             try:
@@ -358,13 +365,13 @@ class Store:
             gen = int(gen_raw)
             data = self._read(dfd, jname)
             if data is None:
-                return View(self.path, reader, gen, None)
+                return View(self.path, reader, gen, None, marked)
             journal = Journal(data, self.journal)
             jgen = journal.gen
             if jgen == gen:
-                return View(self.path, reader, gen, journal)
+                return View(self.path, reader, gen, journal, marked)
             if jgen == gen - 1:  # folded into this snapshot already
-                return View(self.path, reader, gen, None)
+                return View(self.path, reader, gen, None, marked)
             try:
                 again = os.stat(self.name, dir_fd=dfd, follow_symlinks=False)
             except OSError:
@@ -409,6 +416,36 @@ class Store:
         append to the same journal flushes them too.
         """
         return Transaction(self, durable)
+
+    def mark(self) -> None:
+        """Create the empty file NAME.stopped, which needs no free block, for what cannot wait.
+
+        Views carry it as ``marked`` until a transaction's :meth:`Transaction.unmark`.
+        """
+        path = self.path + MARK
+        try:
+            with self.state_dir() as dfd:
+                os.close(os.open(os.path.basename(path), os.O_WRONLY | os.O_CREAT | FLAGS, 0o600,
+                                 dir_fd=dfd))
+                os.fsync(dfd)
+        except OSError as e:
+            raise StoreError(f"unable to create {path}: {e.strerror}") from None
+
+    def compact_due(self) -> int | None:
+        """Compact if a write of ours left the journal past its threshold and nobody did since.
+
+        Writes never compact by themselves: the handler calls this once the
+        client is gone, so no connection waits for it before its salt.
+        Returns the number of entries written, None if nothing was due.
+        """
+        if not self.due:
+            return None
+        self.due = False
+        with self.lock() as tx:
+            journal = tx.view.journal
+            if journal is None or journal.end <= journal_threshold(len(tx.view.reader.data)):
+                return None
+            return tx.compact()
 
     def set_aside(self, suffix: str) -> list[str]:
         """Under the writers' lock, rename the snapshot and journal to NAME + ``suffix``.
@@ -474,6 +511,7 @@ class Lock:
         os.close(self.fd)
 
 
+MARK = ".stopped"  # NAME.stopped: see Store.mark
 TMP = ".tmp."  # NAME.tmp.RANDOM: a temporary file of NAME
 
 
@@ -555,6 +593,21 @@ class Transaction:
         finally:
             self.dir.__exit__(None, None, None)
 
+    @property
+    def marked(self) -> bool:
+        """True while NAME.stopped exists (see :meth:`Store.mark`)."""
+        return self.view.marked
+
+    def unmark(self) -> None:
+        """Remove NAME.stopped now (under the lock)."""
+        try:
+            os.unlink(self.store.name + MARK, dir_fd=self.dfd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"unable to remove {self.store.path + MARK}: {e.strerror}") from None
+        self.view.marked = False
+
     def get(self, key: bytes) -> bytes | None:
         """Return the value of ``key`` including this transaction's puts."""
         if key in self.pending:
@@ -608,8 +661,7 @@ class Transaction:
         else:  # a crash left no journal of this generation, or an unfinished tail
             head = MAGIC + b"%d\n" % view.gen if journal is None else journal.data[:journal.end]
             size = self._write_journal(head + journal_lines(self.pending, zlib.crc32(head)))
-        if size > journal_threshold(len(view.reader.data)):
-            self.compact()  # of the view and the pending puts: the journal as it is now
+        self.store.due = size > journal_threshold(len(view.reader.data))
         self.pending.clear()
 
     def compact(self, keep: "Keep | None" = None) -> int:

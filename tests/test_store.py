@@ -43,9 +43,11 @@ def small_journal(monkeypatch) -> None:
 
 
 def put(path: str, **kv: bytes | None) -> None:
-    with Store(path).lock() as tx:
+    store = Store(path)
+    with store.lock() as tx:
         for k, v in kv.items():
             tx.put(k.encode(), v)
+    store.compact_due()
 
 
 def fork(fn, *args) -> int:
@@ -407,6 +409,7 @@ def worker(path: str, n: int, own: bytes) -> None:
         assert charge(store, own, cfg, int(time.time()))[0] is None
         if i % 2:
             succeed(store, b"203.0.113.1")
+        store.compact_due()
 
 
 def test_many_processes_charging_and_refunding_get_exact_counts(path, small_journal):
@@ -475,6 +478,7 @@ def test_the_handlers_automatic_compaction_applies_expiry(path, small_journal):
     i = 0
     while store.view().gen == gen:
         assert charge(store, b"10.1.%d.%d" % (i >> 8, i & 255), cfg, NOW)[0] is None
+        store.compact_due()
         i += 1
     items = store.view().items()
     assert b"10.9.9.9" not in items and b"10.9.9.8" in items

@@ -30,7 +30,7 @@ import time
 
 from ..config import DEFAULT_PATH, Config, ConfigError, load
 from ..address import key as address_key
-from ..policy import ERRORS, STOPPED, Entry, keeper, lock, revive, unlock
+from ..policy import ERRORS, MARKED, STOPPED, Entry, keeper, lock, revive, unlock
 from ..supervise import bring_up_advice
 from ..store import Store, StoreCorrupt, StoreError
 
@@ -66,8 +66,8 @@ class State:
         items = {} if view is None else view.items()
         self.entries = {k: Entry(v) for k, v in items.items() if not k.startswith(b"!")}
         self.stopped: tuple[int, str] | None = None
-        if STOPPED in items:
-            self.stopped = parse_stopped(items[STOPPED])
+        if STOPPED in items or (view is not None and view.marked):
+            self.stopped = parse_stopped(items.get(STOPPED, MARKED))
         errors = items.get(ERRORS, b"0")
         if not errors.isdigit():
             raise StoreCorrupt(f"error total does not parse: {errors[:60]!r}")
@@ -177,7 +177,7 @@ def cmd_show(store: Store, cfg: Config, key: bytes) -> None:
     view = store.view()
     raw = None if view is None else view.get(key)
     e = None if raw is None else Entry(raw)
-    stopped = None if view is None else view.get(STOPPED)
+    stopped = None if view is None else view.get(STOPPED) or (MARKED if view.marked else None)
     stopped = None if stopped is None else parse_stopped(stopped)
     print(f"address       {key.decode()}")
     if stopped is not None:
@@ -285,6 +285,11 @@ def run(argv: list[str]) -> None:
         cmd_export(store, cfg)
     else:
         cmd_reset(store, "--force" in args)
+    try:
+        store.compact_due()
+    except StoreError as e:
+        print(f"{PROG}: warning: the {command} above took effect, but compacting the store "
+              f"after it failed ({e}); 'prune' compacts it once that is fixed", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ MORE = b"+"
 MIN_JOURNAL = 16 * 1024
 MAX_JOURNAL = 128 * 1024
 JOURNAL_SHARE = 16  # the journal may grow to this fraction of the snapshot
-MAX_FILE = 1 << 30
+MAX_FILE = 1 << 30  # the largest store file: readers call a larger one corrupt, writers write none
 
 
 class StoreError(Exception):
@@ -683,7 +683,7 @@ class Transaction:
         from .cdb import write_cdb
 
         remove_stale_temps(self.dfd, self.store)
-        replace(self.dfd, self.store.path, lambda f: write_cdb(f, records))
+        replace(self.dfd, self.store.path, lambda f: write_cdb(f, records, MAX_FILE))
         self._write_journal(MAGIC + b"%d\n" % gen)
         self.view = self.store._view(self.dfd)
 

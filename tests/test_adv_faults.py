@@ -171,3 +171,20 @@ def test_a_kill_on_a_full_disk_keeps_the_service_refusing_under_inetd(rig: Rig, 
     assert lockout_main([PROG, "-c", str(rig.cfg), "revive"]) == 0
     assert len(rig.handle(OPEN)[0]) == SALT_LEN
     wait_for(lambda: rig.runs("open"), 10, "the action after revive")
+
+
+def test_the_writer_never_writes_a_store_the_reader_would_call_corrupt(tmp_path, monkeypatch):
+    path = str(tmp_path / "lockout.cdb")
+    store = Store(path)
+    with store.lock() as tx:
+        for i in range(100):
+            tx.put(b"192.0.2.%d" % i, b"1 1 0 1")
+    items = [(b"!gen", b"2"), *store.view().items().items()]
+    compacted = 2048 + sum(24 + len(k) + len(v) for k, v in items)  # a CDB's exact size
+    monkeypatch.setattr(storemod, "MAX_FILE", compacted - 1)  # one limit, both sides
+    with pytest.raises(StoreError, match="would pass the limit"):
+        with store.lock() as tx:
+            tx.compact()
+    view = Store(path).view()  # the reader accepts what is there, and it is all there
+    assert len(view.items()) == 100 and os.path.getsize(path) <= storemod.MAX_FILE
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]

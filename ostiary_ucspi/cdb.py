@@ -100,12 +100,17 @@ class Reader:
             where = start + klen + vlen
 
 
-def write_cdb(out: "BinaryIO", records: list[tuple[bytes, bytes]]) -> None:
-    """Write ``records`` to seekable ``out`` (same bytes as cdbmake for the same order)."""
+def write_cdb(out: "BinaryIO", records: list[tuple[bytes, bytes]], limit: int = MAX_SIZE) -> None:
+    """Write ``records`` to seekable ``out`` (same bytes as cdbmake for the same order).
+
+    Raises OSError, writing nothing, when the result would pass ``limit``
+    bytes (at most a cdb's 4 GB).
+    """
     from cdblib import djb_hash  # C, for the many keys of a compaction: the same as hash_key
 
-    if HEADER_LEN + sum(24 + len(k) + len(v) for k, v in records) > MAX_SIZE:
-        raise OSError("too large for a cdb (4 GB)")
+    size = HEADER_LEN + sum(24 + len(k) + len(v) for k, v in records)  # exactly what follows
+    if size > min(limit, MAX_SIZE):
+        raise OSError(f"{size} bytes would pass the limit of {min(limit, MAX_SIZE)}")
     out.write(b"\0" * HEADER_LEN)
     position = HEADER_LEN
     tables: list[list[tuple[int, int]]] = [[] for _ in range(256)]

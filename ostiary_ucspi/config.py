@@ -60,6 +60,7 @@ class Config:
         self.actions: list[Action] = []
         self.lockout_action: Action | None = None
         self.lockout_db = DEFAULT_DB
+        self.editor = 0  # who besides root may edit the file (-1: a group): see store.StateDir
         self.delay = 5
         self.comm_timeout = 5
         self.max_bad_conns = 3
@@ -193,18 +194,20 @@ def load(path: str) -> Config:
     """Read and validate ``path``; raise ConfigError on any problem (world-writable included)."""
     try:
         with open(path, "rb") as f:
-            world_writable = os.fstat(f.fileno()).st_mode & 0o002
+            st = os.fstat(f.fileno())
             raw = f.read()
     except OSError as e:
         raise ConfigError(f"unable to read {path}: {e.strerror}") from None
-    if world_writable:
+    if st.st_mode & 0o002:
         raise ConfigError(f"{path}: anyone may write to it (chmod 600): refusing it")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}:{line}: not valid UTF-8") from None
-    return parse(text, path)
+    cfg = parse(text, path)
+    cfg.editor = -1 if st.st_mode & 0o020 and st.st_gid else st.st_uid
+    return cfg
 
 
 def parse(text: str, path: str) -> Config:

@@ -43,6 +43,7 @@ NAMES = {
     "signal": ("_signal", "signal", "signal"),
     "pthread_sigmask": ("_signal", "pthread_sigmask", "signal"),
     "SIG_DFL": ("_signal", "SIG_DFL", "signal"),
+    "SIGALRM": ("_signal", "SIGALRM", "signal"),
     "SIG_SETMASK": ("_signal", "SIG_SETMASK", "signal"),
     "NSIG": ("_signal", "NSIG", "signal"),
 }

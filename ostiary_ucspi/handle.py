@@ -14,7 +14,7 @@ import time
 from . import log as logmod
 from .address import parse as parse_address
 from .config import DEFAULT_PATH, Action, Config, ConfigError, load
-from .policy import charge, doors_due, fail, keeper, refusal, stale_charge, stop, succeed
+from .policy import charge, doors_due, fail, keeper, kill, refusal, stale_charge, succeed, uncharge
 from .store import Store, StoreCorrupt, StoreError, View
 
 PROG = "ostiary-handle"
@@ -100,18 +100,20 @@ def hangup(inetd: bool) -> None:
     os.close(null)
 
 
-def exchange(salt: bytes, timeout: int) -> tuple[bytes, str]:
+def exchange(salt: bytes, timeout: int) -> tuple[bytes | None, str]:
     """Send the salt, read at most 32 bytes before one deadline.
 
-    Returns (what was read, why it is incomplete or '').
+    Returns (what was read, None if the salt could not be sent; why it is
+    incomplete or '').
     """
     import select
 
     deadline = time.monotonic() + timeout
     try:
-        os.write(1, salt)
+        if os.write(1, salt) != len(salt):
+            return None, "the salt was cut short"
     except OSError as e:
-        return b"", f"unable to send the salt: {e.strerror}"
+        return None, f"unable to send the salt: {e.strerror}"
     got = b""
     poller = select.poll()
     poller.register(0, select.POLLIN)
@@ -191,11 +193,10 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         log(logmod.ERR, f"{e}: closed")
         return 111
     now = int(time.time())
-    store = Store(cfg.lockout_db, keep=keeper(cfg, now))
+    store = Store(cfg.lockout_db, keep=keeper(cfg, now), editor=cfg.editor)
     try:
         status = knock(cfg, store, key, ip, log, inetd, now)
         close_due_doors(store, store.last_view, log, now)
-        return status
     except StoreCorrupt as e:
         hangup(inetd)
         log(logmod.ALERT,
@@ -205,6 +206,11 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         hangup(inetd)
         log(logmod.FATAL, f"{ip} refused: lockout store: {e}")
         return 111
+    try:  # the client is gone: nobody waits for this
+        store.compact_due()
+    except StoreError as e:
+        log(logmod.ERR, f"unable to compact the lockout store, which serves on: {e}")
+    return status
 
 
 def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd: bool,
@@ -230,11 +236,20 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
             finish_failure(cfg, store, key, ip, log, "its last attempt never finished")
         return 0
 
-    from .protocol import match, new_salt
+    try:
+        from .protocol import match, new_salt
 
-    salt = new_salt()
-    answer, problem = exchange(salt, cfg.comm_timeout)
+        salt = new_salt()
+        answer, problem = exchange(salt, cfg.comm_timeout)
+    except BaseException:  # our failure: the client got no salt, so no charge either
+        hangup(inetd)
+        uncharge(store, key)
+        raise
     hangup(inetd)
+    if answer is None:  # no salt, no guess: nothing to charge
+        uncharge(store, key)
+        log(logmod.INFO, f"{ip} closed: {problem}")
+        return 0
     secrets = [cfg.kill] + [a.secret for a in cfg.actions]
     found = match(answer, salt, secrets)
     log(logmod.DEBUG, f"{ip} salt {salt.hex()} response {answer.hex()}")
@@ -243,9 +258,12 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
     elif found == 0:
         log(logmod.ALERT, f"{ip} proved KILL: service stopped until 'ostiary-lockout revive'")
         try:
-            succeed(store, key)
-            with store.lock() as tx:
-                stop(tx, now, f"KILL from {ip}")
+            kill(store, key, now, f"KILL from {ip}")
+        except StoreCorrupt:
+            raise
+        except StoreError:  # no room for a journal line, say: an empty file needs no block
+            store.mark()
+            raise
         finally:  # even when the store cannot record it, supervise can stop the service
             from .supervise import take_down
 
@@ -297,9 +315,15 @@ def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
         log(logmod.FATAL, str(e))
         return 111
     log.level = cfg.min_loglevel
-    from .cpython import alarm
+    from .cpython import SIGALRM, alarm, signal
 
-    alarm(cfg.comm_timeout + cfg.delay + 30)  # a backstop: nothing may hang the handler
+    limit = cfg.comm_timeout + cfg.delay + 30
+
+    def timed_out(signum: int, frame: object) -> None:
+        log(logmod.FATAL, f"still running after {limit}s: exiting")
+        os._exit(111)
+    signal(SIGALRM, timed_out)
+    alarm(limit)  # a backstop: nothing may hang the handler
     try:
         return serve(cfg, log, inetd)
     except Exception as e:  # one log line, and never a traceback on an inetd socket

@@ -16,6 +16,7 @@ STOPPED = b"!stopped"
 ERRORS = b"!errors"
 DOORS = b"!doors"  # the pending doors' index: see doors.py
 DOORS_GRACE = 2  # seconds a live runner has to close its own door before a sweeper may
+MARKED = b"0 KILL proven while the store could not record it"  # what Store.mark stands for
 GRACE = 5  # seconds past COMM_TIMEOUT after which an unconfirmed charge is final
 
 
@@ -62,6 +63,8 @@ def refusal(view: View | Transaction | None, key: bytes, max_bad: int, expire: i
     if view is None:
         return None
     stopped = view.get(STOPPED)
+    if stopped is None and view.marked:
+        stopped = MARKED
     if stopped is not None:
         return "service stopped: " + stopped.partition(b" ")[2].decode(errors="replace")
     if Entry(view.get(key)).locked_out(max_bad, expire, now):
@@ -121,6 +124,20 @@ def charge(store: Store, key: bytes, cfg, now: int) -> tuple[str | None, str | N
     return None, None
 
 
+def refund(tx: Transaction, key: bytes, clear: bool = False) -> None:
+    """Take back one charge of ``key`` (``clear``: and every strike), in ``tx``.
+
+    Only the charge: a lock made meanwhile (``ostiary-lockout lock``) stays,
+    and so does a record that still holds a strike, an error or a lock.
+    """
+    entry = Entry(tx.get(key))
+    entry.strikes = 0 if clear else max(0, entry.strikes - 1)
+    entry.errors = max(0, entry.errors - 1)
+    keep = entry.strikes or entry.errors or entry.locked_since
+    tx.put(key, entry.encode() if keep else None)
+    tx.put(ERRORS, b"%d" % max(0, int(tx.get(ERRORS) or b"0") - 1))
+
+
 def succeed(store: Store, key: bytes) -> None:
     """Refund the charge of a proven passphrase and clear the address's strikes.
 
@@ -128,11 +145,20 @@ def succeed(store: Store, key: bytes) -> None:
     many, a false negative at worst.
     """
     with store.lock(durable=False) as tx:
-        entry = Entry(tx.get(key))
-        entry.strikes = 0
-        entry.errors = max(0, entry.errors - 1)
-        tx.put(key, entry.encode() if entry.errors else None)
-        tx.put(ERRORS, b"%d" % max(0, int(tx.get(ERRORS) or b"0") - 1))
+        refund(tx, key, clear=True)
+
+
+def uncharge(store: Store, key: bytes) -> None:
+    """Take back a charge whose connection got no salt through our own failure."""
+    with store.lock() as tx:
+        refund(tx, key)
+
+
+def kill(store: Store, key: bytes, now: int, reason: str) -> None:
+    """Record the stopped state first (synced), then refund KILL's charge with it."""
+    with store.lock() as tx:
+        stop(tx, now, reason)
+        refund(tx, key, clear=True)
 
 
 def fail(store: Store, key: bytes, cfg, now: int) -> tuple[bool, str | None]:
@@ -214,8 +240,11 @@ def revive(store: Store, cfg) -> bytes | None:
     """
     with store.lock() as tx:
         stopped = tx.get(STOPPED)
+        if stopped is None and tx.marked:
+            stopped = MARKED
         if stopped is None:
             return None
+        tx.unmark()
         tx.put(STOPPED, None)
         tx.put(ERRORS, None)
         if cfg.max_single_errs:

@@ -17,7 +17,8 @@ short. Readers take no lock: they map the snapshot, read and check the
 journal, and search it from the end.
 
 When the journal outgrows a sixteenth of the snapshot (at least 16 KiB, at
-most 128 KiB), the writer folds it in, dropping what ``keep`` rejects: a new
+most 128 KiB), the writer that grew it folds it in afterwards
+(:meth:`Store.compact_due`, once its client is gone), dropping what ``keep`` rejects: a new
 snapshot of generation N+1 (temp file, fsync, rename, fsync of the directory),
 then an empty journal of generation N+1 (the same way). A journal one
 generation behind its snapshot was already folded in, so a crash between the
@@ -26,9 +27,18 @@ rewritten (the same way) by the next writer before it appends. Anything else
 that does not parse is corruption, which :class:`StoreCorrupt` reports and
 callers treat as "refuse everyone".
 
-When root writes (the operator's tool), new files get the owner of the
-directory, so the handler's user can still write them.
+Root never works in the state directory as root when someone else owns it
+(:class:`StateDir`): it reaches the directory without following a link,
+then switches its effective ids to the directory's owner and group (and
+drops its supplementary groups) for as long as it works there, so it can
+do nothing there that the owner could not do itself; the files it creates
+are the owner's from the start. Every store file is opened relative to the
+directory's descriptor with ``O_NOFOLLOW``; temporary files get a random
+name and ``O_EXCL``. A state directory that others than its owner may
+write, or (with ``editor``) one that is not the config editor's own, root
+refuses.
 """
+import errno
 import os
 import stat
 import zlib
@@ -51,7 +61,7 @@ MORE = b"+"
 MIN_JOURNAL = 16 * 1024
 MAX_JOURNAL = 128 * 1024
 JOURNAL_SHARE = 16  # the journal may grow to this fraction of the snapshot
-MAX_FILE = 1 << 30
+MAX_FILE = 1 << 30  # the largest store file: readers call a larger one corrupt, writers write none
 
 
 class StoreError(Exception):
@@ -130,12 +140,14 @@ class Journal:
 class View:
     """A consistent picture of the store: a snapshot and its journal."""
 
-    def __init__(self, path: str, reader: Reader, gen: int, journal: Journal | None) -> None:
-        """``journal`` is None when no journal of this generation exists."""
+    def __init__(self, path: str, reader: Reader, gen: int, journal: Journal | None,
+                 marked: bool = False) -> None:
+        """``journal`` is None when no journal of this generation exists; ``marked``: see Store.mark."""
         self.path = path
         self.reader = reader
         self.gen = gen
         self.journal = journal
+        self.marked = marked
         self.cache: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
@@ -164,26 +176,114 @@ class View:
         return {k: v for k, v in items.items() if v != DELETED}
 
 
+FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # no link followed; a FIFO must not hang us
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class StateDir:
+    """The state directory's descriptor, and root's identity there, from enter to exit.
+
+    As root the directory is reached from ``/`` one component at a time
+    without following a link; one that others than its owner may write is
+    refused, and so is one not owned by ``editor`` (the uid besides root's
+    that may edit the config naming it; -1: a group may). Then, if the
+    owner is not root, the effective uid and gid become the owner's and
+    the directory's group, with no supplementary group, until exit.
+    Others just open the directory.
+    """
+
+    def __init__(self, path: str, editor: int = 0) -> None:
+        self.path = os.path.dirname(os.path.abspath(path))
+        self.editor = editor
+        self.fd = -1
+        self.restore: tuple[int, list[int]] | None = None
+
+    def __enter__(self) -> int:
+        d = self.path
+        try:
+            if os.geteuid() != 0:
+                self.fd = os.open(d, DIR_FLAGS)
+                return self.fd
+            self.fd = os.open("/", DIR_FLAGS)
+            for part in d.split("/"):
+                if part:
+                    fd = os.open(part, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
+                    os.close(self.fd)
+                    self.fd = fd
+            st = os.fstat(self.fd)
+        except FileNotFoundError:
+            self.close()
+            raise StoreError(f"state directory {d} does not exist") from None
+        except OSError as e:
+            self.close()
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreError(f"state directory {d}: the way there is a symbolic link or "
+                                 "not a directory: root follows no link to its state") from None
+            raise StoreError(f"unable to open state directory {d}: {e.strerror}") from None
+        why = None
+        if st.st_mode & 0o022:
+            why = (f"others than its owner may write it (mode {st.st_mode & 0o7777:o}): "
+                   f"chmod go-w {d}")
+        elif self.editor < 0:
+            why = "the config naming it is writable by a group: chmod g-w it"
+        elif self.editor and st.st_uid != self.editor:
+            why = (f"it is uid {st.st_uid}'s, but the config naming it is uid {self.editor}'s, "
+                   f"who may not choose where root writes")
+        if why is not None:
+            self.close()
+            raise StoreError(f"state directory {d}: root will not work in it: {why}")
+        if st.st_uid != 0:
+            self.restore = (os.getegid(), os.getgroups())
+            os.setgroups([])
+            os.setegid(st.st_gid)
+            os.seteuid(st.st_uid)
+        return self.fd
+
+    def close(self) -> None:
+        """Close the directory's descriptor."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.restore is not None:
+            os.seteuid(0)
+            os.setegid(self.restore[0])
+            os.setgroups(self.restore[1])
+            self.restore = None
+        self.close()
+
+
 class Store:
     """Reader and writer of one lockout store.
 
     ``keep(key, value)`` decides what survives the compactions that writes
-    trigger (None keeps everything).
+    trigger (None keeps everything); ``editor``: see :class:`StateDir`.
     """
 
-    def __init__(self, path: str, keep: "Keep | None" = None) -> None:
+    def __init__(self, path: str, keep: "Keep | None" = None, editor: int = 0) -> None:
         self.path = path
         self.journal = path + ".journal"
+        self.name = os.path.basename(path)
         self.keep = keep
+        self.editor = editor
+        self.due = False  # a write of ours left the journal past its threshold
         self.last_view: View | None = None  # the newest view() returned, for a read that may lag
 
-    def _open(self, path: str) -> "tuple[int, os.stat_result] | None":
-        """Open a store file for reading; return (descriptor, its stat), None if it does not exist."""
+    def state_dir(self) -> StateDir:
+        """Return the state directory, to enter (see :class:`StateDir`)."""
+        return StateDir(self.path, self.editor)
+
+    def _open(self, dfd: int, name: str) -> "tuple[int, os.stat_result] | None":
+        """Open store file ``name`` for reading; return (descriptor, its stat), None if it does not exist."""
+        path = os.path.join(os.path.dirname(self.path), name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not hang us
+            fd = os.open(name, os.O_RDONLY | FLAGS, dir_fd=dfd)
         except FileNotFoundError:
             return None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StoreCorrupt(f"{path}: a symbolic link, not a store file") from None
             raise StoreError(f"unable to read {path}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
@@ -198,20 +298,21 @@ class Store:
             raise StoreCorrupt(f"{path}: larger than any store this program writes")
         return fd, st
 
-    def _read(self, path: str) -> bytes | None:
-        """Return the content of ``path``, None if it does not exist."""
-        opened = self._open(path)
+    def _read(self, dfd: int, name: str) -> bytes | None:
+        """Return the content of store file ``name``, None if it does not exist."""
+        opened = self._open(dfd, name)
         if opened is None:
             return None
         try:
             with open(opened[0], "rb", buffering=0) as f:
                 return f.readall()
         except OSError as e:
+            path = os.path.join(os.path.dirname(self.path), name)
             raise StoreError(f"unable to read {path}: {e.strerror}") from None
 
-    def _map(self) -> tuple[mmap, tuple[int, int]] | None:
+    def _map(self, dfd: int) -> tuple[mmap, tuple[int, int]] | None:
         """Map the snapshot; return it and its (device, inode), None if it does not exist."""
-        opened = self._open(self.path)
+        opened = self._open(dfd, self.name)
         if opened is None:
             return None
         fd, st = opened
@@ -226,14 +327,20 @@ class Store:
 
     def view(self) -> View | None:
         """Return a consistent view without locking; None if the store does not exist yet."""
+        with self.state_dir() as dfd:
+            return self._view(dfd)
+
+    def _view(self, dfd: int) -> View | None:
+        """:meth:`view`, in the state directory ``dfd``."""
+        jname = self.name + ".journal"
+        marked = exists(dfd, self.name + MARK)
         for _ in range(50):
-            mapped = self._map()
+            mapped = self._map(dfd)
             if mapped is None:
-                if os.path.exists(self.journal):
+                if exists(dfd, jname):
                     raise StoreCorrupt(f"{self.path}: missing, but its journal exists")
-                d = os.path.dirname(self.path) or "."
-                if not os.path.isdir(d):
-                    raise StoreError(f"state directory {d} does not exist")
+                if marked:
+                    raise StoreCorrupt(f"{self.path}: missing, but {self.path}{MARK} exists")
                 return None
             data, identity = mapped
             try:
@@ -244,17 +351,18 @@ class Store:
             if gen_raw is None or not gen_raw.isdigit():
                 raise StoreCorrupt(f"{self.path}: no generation record")
             gen = int(gen_raw)
-            data = self._read(self.journal)
+            data = self._read(dfd, jname)
             if data is None:
-                self.last_view = View(self.path, reader, gen, None)
+                self.last_view = View(self.path, reader, gen, None, marked)
                 return self.last_view
             journal = Journal(data, self.journal)
             jgen = journal.gen
             if jgen in (gen, gen - 1):  # one behind: folded into this snapshot already
-                self.last_view = View(self.path, reader, gen, journal if jgen == gen else None)
+                self.last_view = View(self.path, reader, gen, journal if jgen == gen else None,
+                                      marked)
                 return self.last_view
             try:
-                again = os.stat(self.path)
+                again = os.stat(self.name, dir_fd=dfd, follow_symlinks=False)
             except OSError:
                 continue
             if (again.st_dev, again.st_ino) == identity:
@@ -265,30 +373,29 @@ class Store:
     def check_usable(self) -> None:
         """Raise StoreError unless the directory's owner may read and write every store file.
 
-        The handler runs as that user, and root's writes keep to it (see
-        give_to_owner); a file of another owner or mode, say one root restored
-        from a backup, locks the handler out though root reads it fine.
+        The handler runs as that user, and root works there as that user
+        (see :class:`StateDir`); a file of another owner or mode, say one
+        root restored from a backup, locks the handler out though root
+        reads it fine.
         """
         d = os.path.dirname(self.path) or "."
-        try:
-            dst = os.stat(d)
-        except FileNotFoundError:
-            raise StoreError(f"state directory {d} does not exist") from None
-        if dst.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-            raise StoreError(f"state directory {d}: mode {dst.st_mode & 0o7777:o} keeps its owner "
-                             f"from creating files in it: chmod u+rwx {d}")
-        for path in (self.path, self.journal, self.path + ".lock"):
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            if st.st_uid != dst.st_uid:
-                raise StoreError(f"{path}: its owner (uid {st.st_uid}) is not the state "
-                                 f"directory's (uid {dst.st_uid}), so the handler cannot use it: "
-                                 f"chown {dst.st_uid} {path}")
-            if st.st_mode & (stat.S_IRUSR | stat.S_IWUSR) != stat.S_IRUSR | stat.S_IWUSR:
-                raise StoreError(f"{path}: Permission denied to its owner, the handler "
-                                 f"(mode {st.st_mode & 0o7777:o}): chmod u+rw {path}")
+        with self.state_dir() as dfd:
+            dst = os.fstat(dfd)
+            if dst.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+                raise StoreError(f"state directory {d}: mode {dst.st_mode & 0o7777:o} keeps its "
+                                 f"owner from creating files in it: chmod u+rwx {d}")
+            for path in (self.path, self.journal, self.path + ".lock"):
+                try:
+                    st = os.stat(os.path.basename(path), dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_uid != dst.st_uid:
+                    raise StoreError(f"{path}: its owner (uid {st.st_uid}) is not the state "
+                                     f"directory's (uid {dst.st_uid}), so the handler cannot use it: "
+                                     f"chown {dst.st_uid} {path}")
+                if st.st_mode & (stat.S_IRUSR | stat.S_IWUSR) != stat.S_IRUSR | stat.S_IWUSR:
+                    raise StoreError(f"{path}: Permission denied to its owner, the handler "
+                                     f"(mode {st.st_mode & 0o7777:o}): chmod u+rw {path}")
 
     def lock(self, durable: bool = True) -> "Transaction":
         """Take the writers' lock and return a transaction (a context manager).
@@ -299,86 +406,142 @@ class Store:
         """
         return Transaction(self, durable)
 
+    def mark(self) -> None:
+        """Create the empty file NAME.stopped, which needs no free block, for what cannot wait.
+
+        Views carry it as ``marked`` until a transaction's :meth:`Transaction.unmark`.
+        """
+        path = self.path + MARK
+        try:
+            with self.state_dir() as dfd:
+                os.close(os.open(os.path.basename(path), os.O_WRONLY | os.O_CREAT | FLAGS, 0o600,
+                                 dir_fd=dfd))
+                os.fsync(dfd)
+        except OSError as e:
+            raise StoreError(f"unable to create {path}: {e.strerror}") from None
+
+    def compact_due(self) -> int | None:
+        """Compact if a write of ours left the journal past its threshold and nobody did since.
+
+        Writes never compact by themselves: the handler calls this once the
+        client is gone, so no connection waits for it before its salt.
+        Returns the number of entries written, None if nothing was due.
+        """
+        if not self.due:
+            return None
+        self.due = False
+        with self.lock() as tx:
+            journal = tx.view.journal
+            if journal is None or journal.end <= journal_threshold(len(tx.view.reader.data)):
+                return None
+            return tx.compact()
+
     def set_aside(self, suffix: str) -> list[str]:
         """Under the writers' lock, rename the snapshot and journal to NAME + ``suffix``.
 
         The next writer starts an empty store. Returns the new names.
         """
         moved = []
-        with Lock(self.path + ".lock"):
+        with self.state_dir() as dfd, Lock(dfd, self.path + ".lock"):
             for path in (self.path, self.journal):
-                if os.path.exists(path):
+                name = os.path.basename(path)
+                if exists(dfd, name):
                     try:
-                        os.rename(path, path + suffix)
+                        os.rename(name, name + suffix, src_dir_fd=dfd, dst_dir_fd=dfd)
                     except OSError as e:
                         raise StoreError(f"unable to rename {path}: {e.strerror}") from None
                     moved.append(path + suffix)
-            sync_dir(self.path)
+            os.fsync(dfd)
         return moved
+
+
+def exists(dfd: int, name: str) -> bool:
+    """True when the state directory ``dfd`` has an entry ``name`` (a link counts)."""
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class Lock:
     """The writers' lock, held from ``__enter__`` to ``__exit__``."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, dfd: int, path: str) -> None:
+        self.dfd = dfd
         self.path = path
         self.fd = -1
 
     def __enter__(self) -> "Lock":
+        name = os.path.basename(self.path)
         try:
             try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:  # the first writer creates it, for the directory's owner
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                give_to_owner(self.fd, self.path)
-        except FileNotFoundError:
-            raise StoreError(f"state directory {os.path.dirname(self.path)} does not exist") from None
+                self.fd = os.open(name, os.O_RDWR | FLAGS, dir_fd=self.dfd)
+            except FileNotFoundError:  # the first writer creates it
+                self.fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600,
+                                  dir_fd=self.dfd)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StoreCorrupt(f"{self.path}: a symbolic link, not a store file") from None
             raise StoreError(f"unable to open {self.path}: {e.strerror}") from None
         try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise StoreCorrupt(f"{self.path}: not a regular file")
             flock(self.fd, LOCK_EX)
         except OSError as e:
             os.close(self.fd)
             raise StoreError(f"unable to lock {self.path}: {e.strerror}") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         os.close(self.fd)
 
 
-def give_to_owner(fd: int, path: str) -> None:
-    """When root creates a store file, hand it to the owner of its directory."""
-    if os.geteuid() != 0:
-        return
-    d = os.stat(os.path.dirname(path) or ".")
-    st = os.fstat(fd)
-    if (st.st_uid, st.st_gid) != (d.st_uid, d.st_gid):
-        os.fchown(fd, d.st_uid, d.st_gid)
+MARK = ".stopped"  # NAME.stopped: see Store.mark
+TMP = ".tmp."  # NAME.tmp.RANDOM: a temporary file of NAME
 
 
-def sync_dir(path: str) -> None:
-    """fsync the directory holding ``path``, so a rename in it is durable."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_CLOEXEC)
+def replace(dfd: int, path: str, write: "Callable[[object], None]") -> None:
+    """Atomically replace ``path`` in ``dfd`` by what ``write(file)`` writes.
+
+    A new temporary file of a random name (``O_EXCL``, so never one someone
+    else made), fsync, rename, fsync of the directory.
+    """
+    name = os.path.basename(path)
+    tmp = name + TMP + os.urandom(8).hex()
+    renamed = False
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace(path: str, write: "Callable[[object], None]") -> None:
-    """Atomically replace ``path`` by what ``write(file)`` writes: temp file, fsync, rename."""
-    tmp = path + ".tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        with open(fd, "wb") as f:
-            give_to_owner(fd, path)
-            write(f)
-            f.flush()
-            os.fsync(fd)
-        os.rename(tmp, path)
-        sync_dir(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FLAGS, 0o640, dir_fd=dfd)
+        try:
+            with open(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(fd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            renamed = True
+            os.fsync(dfd)
+        finally:
+            if not renamed:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
     except OSError as e:
         raise StoreError(f"unable to write {path}: {e.strerror or e}") from None
+
+
+def remove_stale_temps(dfd: int, store: "Store") -> None:
+    """Remove temporary files a killed writer left behind; callers hold the lock."""
+    prefixes = (store.name + TMP, store.name + ".journal" + TMP)
+    for name in os.listdir(dfd):
+        if name.startswith(prefixes):
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                pass
 
 
 def journal_threshold(snapshot_size: int) -> int:
@@ -393,19 +556,46 @@ class Transaction:
         self.store = store
         self.durable = durable
         self.pending: dict[bytes, bytes] = {}
-        self.lock = Lock(store.path + ".lock")
+        self.dir = store.state_dir()
+        self.dfd = -1
+        self.lock: Lock | None = None
         self.view: View | None = None
 
     def __enter__(self) -> "Transaction":
-        self.lock.__enter__()
+        self.dfd = self.dir.__enter__()
         try:
-            self.view = self.store.view()
+            self.lock = Lock(self.dfd, self.store.path + ".lock").__enter__()
+            self.view = self.store._view(self.dfd)
             if self.view is None:
                 self._write_snapshot({}, 1)
         except BaseException:
-            self.lock.__exit__(None, None, None)
+            self._release()
             raise
         return self
+
+    def _release(self) -> None:
+        """Drop the lock and leave the state directory."""
+        try:
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
+                self.lock = None
+        finally:
+            self.dir.__exit__(None, None, None)
+
+    @property
+    def marked(self) -> bool:
+        """True while NAME.stopped exists (see :meth:`Store.mark`)."""
+        return self.view.marked
+
+    def unmark(self) -> None:
+        """Remove NAME.stopped now (under the lock)."""
+        try:
+            os.unlink(self.store.name + MARK, dir_fd=self.dfd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"unable to remove {self.store.path + MARK}: {e.strerror}") from None
+        self.view.marked = False
 
     def get(self, key: bytes) -> bytes | None:
         """Return the value of ``key`` including this transaction's puts."""
@@ -436,7 +626,7 @@ class Transaction:
             if exc_type is None and self.pending:
                 self._append()
         finally:
-            self.lock.__exit__(None, None, None)
+            self._release()
 
     def _append(self) -> None:
         view = self.view
@@ -445,7 +635,8 @@ class Transaction:
         if journal is not None and not journal.torn:
             lines = journal_lines(self.pending, journal.crc)
             try:
-                fd = os.open(jpath, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                fd = os.open(os.path.basename(jpath), os.O_WRONLY | os.O_APPEND | FLAGS,
+                             dir_fd=self.dfd)
                 try:
                     if os.write(fd, lines) != len(lines):
                         raise StoreError(f"short write to {jpath}")
@@ -459,8 +650,7 @@ class Transaction:
         else:  # a crash left no journal of this generation, or an unfinished tail
             head = MAGIC + b"%d\n" % view.gen if journal is None else journal.data[:journal.end]
             size = self._write_journal(head + journal_lines(self.pending, zlib.crc32(head)))
-        if size > journal_threshold(len(view.reader.data)):
-            self.compact()  # of the view and the pending puts: the journal as it is now
+        self.store.due = size > journal_threshold(len(view.reader.data))
         self.pending.clear()
 
     def compact(self, keep: "Keep | None" = None) -> int:
@@ -481,11 +671,12 @@ class Transaction:
         records = [(GEN_KEY, b"%d" % gen), *items.items()]
         from .cdb import write_cdb
 
-        replace(self.store.path, lambda f: write_cdb(f, records))
+        remove_stale_temps(self.dfd, self.store)
+        replace(self.dfd, self.store.path, lambda f: write_cdb(f, records, MAX_FILE))
         self._write_journal(MAGIC + b"%d\n" % gen)
-        self.view = self.store.view()
+        self.view = self.store._view(self.dfd)
 
     def _write_journal(self, data: bytes) -> int:
         """Replace the journal by ``data``; return its size."""
-        replace(self.store.journal, lambda f: f.write(data))
+        replace(self.dfd, self.store.journal, lambda f: f.write(data))
         return len(data)

@@ -237,8 +237,9 @@ def test_an_unwritable_state_directory_fails_closed(nobody_site):
     TALLY["cases"] += 1
     site = nobody_site
     os.chown(site.state, 0, 0)
-    fails_closed(site, NOBODY, f"{site.db}: Permission denied")
-    tool_says(site, None, f"{site.db}: ", "owner")
+    fails_closed(site, NOBODY, f"state directory {site.state}: Permission denied")
+    # the config is nobody's, the directory root's: root will not write where nobody points it
+    tool_says(site, None, f"state directory {site.state}: root will not work in it")
 
 
 # -- random damage ------------------------------------------------------------------

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = {"compare_digest": hmac.compare_digest, "sha256": hashlib.sha256, "socket": socket.socket,
           "AF_INET6": socket.AF_INET6, "inet_pton": socket.inet_pton, "inet_ntop": socket.inet_ntop,
           "alarm": signal.alarm, "signal": signal.signal, "pthread_sigmask": signal.pthread_sigmask,
-          "SIG_DFL": signal.SIG_DFL, "SIG_SETMASK": signal.SIG_SETMASK, "NSIG": signal.NSIG}
+          "SIG_DFL": signal.SIG_DFL, "SIGALRM": signal.SIGALRM, "SIG_SETMASK": signal.SIG_SETMASK, "NSIG": signal.NSIG}
 
 
 def test_every_name_has_its_public_fallback() -> None:

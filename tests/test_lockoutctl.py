@@ -347,6 +347,7 @@ def test_operator_changes_and_handler_charges_interleave_without_loss(rig, run, 
             try:
                 for _ in range(60):
                     charge(rig.store, b"203.0.113.%d" % p, cfg, int(time.time()))
+                    rig.store.compact_due()
                 code = 0
             finally:
                 os._exit(code)

@@ -24,7 +24,7 @@ from .. import log as logmod
 from ..address import key as address_key
 from ..address import parse as parse_canonical
 from ..doors import door_key
-from ..policy import ERRORS, STOPPED, Entry, keeper, lock, revive, unlock
+from ..policy import ERRORS, MARKED, STOPPED, Entry, keeper, lock, revive, unlock
 from ..supervise import bring_up_advice
 from ..store import Store, StoreCorrupt, StoreError
 
@@ -66,8 +66,8 @@ class State:
         items = {} if view is None else view.items()
         self.entries = {k: Entry(v) for k, v in items.items() if not k.startswith(b"!")}
         self.stopped: tuple[int, str] | None = None
-        if STOPPED in items:
-            self.stopped = parse_stopped(items[STOPPED])
+        if STOPPED in items or (view is not None and view.marked):
+            self.stopped = parse_stopped(items.get(STOPPED, MARKED))
         errors = items.get(ERRORS, b"0")
         if not errors.isdigit():
             raise StoreCorrupt(f"error total does not parse: {errors[:60]!r}")
@@ -186,7 +186,7 @@ def cmd_show(store: Store, cfg: Config, key: bytes) -> None:
     view = store.view()
     raw = None if view is None else view.get(key)
     e = None if raw is None else Entry(raw)
-    stopped = None if view is None else view.get(STOPPED)
+    stopped = None if view is None else view.get(STOPPED) or (MARKED if view.marked else None)
     stopped = None if stopped is None else parse_stopped(stopped)
     print(f"address       {key.decode()}")
     if stopped is not None:
@@ -329,7 +329,7 @@ def run(argv: list[str]) -> None:
     except ConfigError as e:
         raise Fatal(str(e)) from None
     now = int(time.time())
-    store = Store(cfg.lockout_db, keep=keeper(cfg, now))
+    store = Store(cfg.lockout_db, keep=keeper(cfg, now), editor=cfg.editor)
     if command != "reset":
         store.check_usable()
     if command == "list":
@@ -359,6 +359,11 @@ def run(argv: list[str]) -> None:
     else:
         key = door_key(parse_action(args[1]), parse_address(args[0], cfg, shown=True).decode())
         (cmd_close if command == "close" else cmd_forget)(store, key)
+    try:
+        store.compact_due()
+    except StoreError as e:
+        print(f"{PROG}: warning: the {command} above took effect, but compacting the store "
+              f"after it failed ({e}); 'prune' compacts it once that is fixed", file=sys.stderr)
 
 
 def body(argv: list[str]) -> None:

@@ -14,7 +14,10 @@ import struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the handler's start-up an re and enum import
+    from mmap import mmap
     from typing import BinaryIO, Iterator
+
+    Data = bytes | mmap
 
 HEADER_LEN = 2048  # 256 (position, slots) pairs of 4 bytes each
 MAX_SIZE = 0xFFFFFFFF  # 32-bit positions
@@ -27,17 +30,17 @@ class CdbError(ValueError):
     """A CDB's header does not describe a CDB of its size."""
 
 
-def check_header(data: "bytes | memoryview | object") -> tuple[int, ...]:
+def check_header(data: "Data") -> tuple[int, ...]:
     """Check that the 256 hash tables tile the end of ``data``, as cdbmake lays them out.
 
     Returns the header: 256 (position, slots) pairs, flattened. Raises
     CdbError when ``data`` is too short, or a table starts before the
     records' end or past the data.
     """
-    size = len(data)  # type: ignore[arg-type]
+    size = len(data)
     if size < HEADER_LEN:
         raise CdbError(f"too short to be a CDB ({size} bytes)")
-    header = _header(data)  # type: ignore[arg-type]
+    header: tuple[int, ...] = _header(data)
     starts = header[0::2]
     ends = [start + 8 * slots for start, slots in zip(starts, header[1::2])]
     if starts[0] < HEADER_LEN or list(starts[1:]) != ends[:-1]:
@@ -60,7 +63,7 @@ class Reader:
 
     __slots__ = ("data", "header")
 
-    def __init__(self, data: "bytes | object") -> None:
+    def __init__(self, data: "Data") -> None:
         self.data = data
         self.header = check_header(data)
 
@@ -72,14 +75,15 @@ class Reader:
         i = (h >> 8) % slots if slots else 0
         try:
             for _ in range(slots):
-                stored, where = _unpair(data, table + 8 * i)  # type: ignore[arg-type]
+                stored, where = _unpair(data, table + 8 * i)
                 if where == 0:
                     return None
                 if stored == h:
-                    klen, vlen = _unpair(data, where)  # type: ignore[arg-type]
+                    klen, vlen = _unpair(data, where)
                     start = where + 8
-                    if data[start:start + klen] == key:  # type: ignore[index]
-                        return data[start + klen:start + klen + vlen]  # type: ignore[index, no-any-return]
+                    if data[start:start + klen] == key:
+                        value: bytes = data[start + klen:start + klen + vlen]
+                        return value
                 i = (i + 1) % slots
         except struct.error:
             raise CdbError("a hash table points past the end") from None
@@ -90,13 +94,13 @@ class Reader:
         data, end, where = self.data, self.header[0], HEADER_LEN
         while where < end:
             try:
-                klen, vlen = _unpair(data, where)  # type: ignore[arg-type]
+                klen, vlen = _unpair(data, where)
             except struct.error:
                 raise CdbError("a record runs past the end") from None
             start = where + 8
             if start + klen + vlen > end:
                 raise CdbError("a record runs into the hash tables")
-            yield data[start:start + klen], data[start + klen:start + klen + vlen]  # type: ignore[index]
+            yield data[start:start + klen], data[start + klen:start + klen + vlen]
             where = start + klen + vlen
 
 

@@ -12,6 +12,11 @@ pending UNDOs (:mod:`.doors`). Keys come from
 """
 from .store import Store, StoreCorrupt, Transaction, View
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # a type only: the handler has imported config already
+    from .config import Config
+    from .store import Keep
+
 STOPPED = b"!stopped"
 ERRORS = b"!errors"
 DOORS = b"!doors"  # the pending doors' index: see doors.py
@@ -96,7 +101,7 @@ def stop(tx: Transaction, now: int, reason: str) -> None:
         tx.put(STOPPED, b"%d %s" % (now, reason.encode()))
 
 
-def charge(store: Store, key: bytes, cfg, now: int) -> tuple[str | None, str | None]:
+def charge(store: Store, key: bytes, cfg: "Config", now: int) -> tuple[str | None, str | None]:
     """Charge one attempt to ``key`` before any salt is sent.
 
     Returns (why the connection must be refused instead, None if charged;
@@ -161,7 +166,7 @@ def kill(store: Store, key: bytes, now: int, reason: str) -> None:
         refund(tx, key, clear=True)
 
 
-def fail(store: Store, key: bytes, cfg, now: int) -> tuple[bool, str | None]:
+def fail(store: Store, key: bytes, cfg: "Config", now: int) -> tuple[bool, str | None]:
     """Make a failed attempt's charge final.
 
     Returns (became_locked, stop_reason): ``became_locked`` is True exactly once
@@ -186,7 +191,7 @@ def fail(store: Store, key: bytes, cfg, now: int) -> tuple[bool, str | None]:
     return locked, reason
 
 
-def stale_charge(view: View | None, key: bytes, cfg, now: int) -> bool:
+def stale_charge(view: View | None, key: bytes, cfg: "Config", now: int) -> bool:
     """True when ``key`` is at its limit through a charge whose handler died unconfirmed."""
     if view is None:
         return False
@@ -195,7 +200,7 @@ def stale_charge(view: View | None, key: bytes, cfg, now: int) -> bool:
             and now - entry.last_seen > cfg.comm_timeout + GRACE)
 
 
-def keeper(cfg, now: int):
+def keeper(cfg: "Config", now: int) -> "Keep":
     """Return the compaction predicate ``keep(key, value)`` for the config's expiry.
 
     Strikes of an address never locked expire STRIKE_EXPIRE seconds after it
@@ -208,7 +213,7 @@ def keeper(cfg, now: int):
         entry = Entry(value)
         if entry.locked_since:
             return not entry.lock_ran_out(cfg.lockout_expire, now)
-        return now - entry.last_seen <= cfg.strike_expire
+        return bool(now - entry.last_seen <= cfg.strike_expire)
     return keep
 
 
@@ -232,7 +237,7 @@ def lock(store: Store, key: bytes, now: int) -> int:
     return 0
 
 
-def revive(store: Store, cfg) -> bytes | None:
+def revive(store: Store, cfg: "Config") -> bytes | None:
     """Leave the stopped state; return it (``since reason``), None if not stopped.
 
     The error total, and the errors of addresses past MAX_SINGLE_ERRS, start

@@ -50,7 +50,8 @@ from .cdb import HEADER_LEN, CdbError, Reader
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
+    from types import TracebackType
+    from typing import BinaryIO, Callable
 
     Keep = Callable[[bytes, bytes], bool]
 
@@ -245,7 +246,8 @@ class StateDir:
             os.close(self.fd)
             self.fd = -1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: "type[BaseException] | None", exc: "BaseException | None",
+                 tb: "TracebackType | None") -> None:
         if self.restore is not None:
             os.seteuid(0)
             os.setegid(self.restore[0])
@@ -351,11 +353,11 @@ class Store:
             if gen_raw is None or not gen_raw.isdigit():
                 raise StoreCorrupt(f"{self.path}: no generation record")
             gen = int(gen_raw)
-            data = self._read(dfd, jname)
-            if data is None:
+            jdata = self._read(dfd, jname)
+            if jdata is None:
                 self.last_view = View(self.path, reader, gen, None, marked)
                 return self.last_view
-            journal = Journal(data, self.journal)
+            journal = Journal(jdata, self.journal)
             jgen = journal.gen
             if jgen in (gen, gen - 1):  # one behind: folded into this snapshot already
                 self.last_view = View(self.path, reader, gen, journal if jgen == gen else None,
@@ -431,8 +433,8 @@ class Store:
             return None
         self.due = False
         with self.lock() as tx:
-            journal = tx.view.journal
-            if journal is None or journal.end <= journal_threshold(len(tx.view.reader.data)):
+            journal = tx.v.journal
+            if journal is None or journal.end <= journal_threshold(len(tx.v.reader.data)):
                 return None
             return tx.compact()
 
@@ -496,7 +498,8 @@ class Lock:
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: "type[BaseException] | None", exc: "BaseException | None",
+                 tb: "TracebackType | None") -> None:
         os.close(self.fd)
 
 
@@ -504,7 +507,7 @@ MARK = ".stopped"  # NAME.stopped: see Store.mark
 TMP = ".tmp."  # NAME.tmp.RANDOM: a temporary file of NAME
 
 
-def replace(dfd: int, path: str, write: "Callable[[object], None]") -> None:
+def replace(dfd: int, path: str, write: "Callable[[BinaryIO], object]") -> None:
     """Atomically replace ``path`` in ``dfd`` by what ``write(file)`` writes.
 
     A new temporary file of a random name (``O_EXCL``, so never one someone
@@ -561,6 +564,13 @@ class Transaction:
         self.lock: Lock | None = None
         self.view: View | None = None
 
+    @property
+    def v(self) -> View:
+        """The view taken under the lock (``with`` sets it)."""
+        if self.view is None:
+            raise StoreError("a transaction used outside its with-block")
+        return self.view
+
     def __enter__(self) -> "Transaction":
         self.dfd = self.dir.__enter__()
         try:
@@ -585,7 +595,7 @@ class Transaction:
     @property
     def marked(self) -> bool:
         """True while NAME.stopped exists (see :meth:`Store.mark`)."""
-        return self.view.marked
+        return self.v.marked
 
     def unmark(self) -> None:
         """Remove NAME.stopped now (under the lock)."""
@@ -595,14 +605,14 @@ class Transaction:
             pass
         except OSError as e:
             raise StoreError(f"unable to remove {self.store.path + MARK}: {e.strerror}") from None
-        self.view.marked = False
+        self.v.marked = False
 
     def get(self, key: bytes) -> bytes | None:
         """Return the value of ``key`` including this transaction's puts."""
         if key in self.pending:
             value = self.pending[key]
             return None if value == DELETED else value
-        return self.view.get(key)
+        return self.v.get(key)
 
     def put(self, key: bytes, value: bytes | None) -> None:
         """Set ``key`` (None deletes it) when the transaction commits."""
@@ -613,7 +623,7 @@ class Transaction:
 
     def items(self) -> dict[bytes, bytes]:
         """Return every live key and value, including this transaction's puts."""
-        items = self.view.items()
+        items = self.v.items()
         for key, value in self.pending.items():
             if value == DELETED:
                 items.pop(key, None)
@@ -621,7 +631,8 @@ class Transaction:
                 items[key] = value
         return items
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: "type[BaseException] | None", exc: "BaseException | None",
+                 tb: "TracebackType | None") -> None:
         try:
             if exc_type is None and self.pending:
                 self._append()
@@ -629,7 +640,7 @@ class Transaction:
             self._release()
 
     def _append(self) -> None:
-        view = self.view
+        view = self.v
         jpath = self.store.journal
         journal = view.journal
         if journal is not None and not journal.torn:
@@ -664,7 +675,7 @@ class Transaction:
         self.pending.clear()
         if keep is not None:
             items = {k: v for k, v in items.items() if keep(k, v)}
-        self._write_snapshot(items, self.view.gen + 1)
+        self._write_snapshot(items, self.v.gen + 1)
         return len(items)
 
     def _write_snapshot(self, items: dict[bytes, bytes], gen: int) -> None:

@@ -1,6 +1,6 @@
 """ostiary-handle: serve one Ostiary 4.0 connection on descriptors 0 and 1, then exit.
 
-Usage: ``ostiary-handle [-c FILE]`` (default /etc/ostiary.cfg), run by
+Usage: ``ostiary-handle [-c FILE]`` (default: the first of config.SEARCH), run by
 tcpserver, tcpsvd, s6-tcpserver or inetd once per connection;
 ``ostiary-handle --check [-c FILE]`` validates FILE and prints what would run.
 
@@ -14,7 +14,7 @@ import time
 
 from . import log as logmod
 from .address import parse as parse_address
-from .config import DEFAULT_PATH, Config, ConfigError, load
+from .config import Config, ConfigError, find, load
 from .policy import charge, fail, keeper, refusal, stale_charge, stop, succeed
 from .store import Store, StoreCorrupt, StoreError
 from .supervise import take_down
@@ -23,9 +23,9 @@ USAGE = "usage: ostiary-handle [-c FILE] [--check]"
 LIMIT = 32  # never read more than a response's length
 
 
-def parse_args(argv: list[str]) -> tuple[str, bool]:
-    """Return (config path, check mode); raise ValueError on a bad command line."""
-    path, check = DEFAULT_PATH, False
+def parse_args(argv: list[str]) -> tuple[str | None, bool]:
+    """Return (config path, None: search; check mode); raise ValueError on a bad command line."""
+    path, check = None, False
     args = argv[1:]
     while args:
         a = args.pop(0)
@@ -41,8 +41,8 @@ def parse_args(argv: list[str]) -> tuple[str, bool]:
 
 
 def peer_address() -> str | None:
-    """Return the client's address: TCPREMOTEIP (ucspi), else getpeername(0) (inetd)."""
-    ip = os.environ.get("TCPREMOTEIP")
+    """Return the client's address: TCPREMOTEIP (ucspi), REMOTE_ADDR (systemd), getpeername(0)."""
+    ip = os.environ.get("TCPREMOTEIP") or os.environ.get("REMOTE_ADDR")
     if ip:
         return ip
     from .cpython import socket
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
     if check:
         from .check import check_main
         return check_main(path)
+    if path is None:
+        path = find()
     if inetd is None:
         inetd = logmod.stderr_is_socket()
     log = logmod.Log("ostiary-handle", use_syslog=inetd)

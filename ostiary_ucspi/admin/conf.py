@@ -19,9 +19,11 @@ For any other account DIR is made group-writable by the account's group
 (sticky, so the account can add ``down`` but not touch another file) and
 ``supervise/control`` is the account's, so that KILL can take the service down.
 
-Exit status: 0 created, 100 usage error, 111 anything else (DIR exists, no
-such account, cannot create a file). A failure can leave DIR half made: remove
-it and run again.
+Exit status: 0 created, 100 usage error, 111 anything else (not root while
+ACCOUNT or LOGACCOUNT is another user, DIR exists, no such account, cannot
+create a file). Only root can give files to another account: without root
+that is refused before anything is created. A later failure can leave DIR
+half made: remove it and run again.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ SHIPPED_LOGACCOUNT = "ostiarylog"  # what the project's service/ostiary/log/run 
 PATH_FILE = """\
 {path}
 # PATH: where run, tcpserver and ostiary-handle find their programs
-# (ostiary-handle, tcpserver, envdir, setuidgid, envuidgid, svc).
+# (ostiary-handle, tcpserver, envdir, setuidgid, envuidgid, svc, and python3
+# for run's bind probe).
 """
 ENV_NAMES = ("IP", "PORT", "CONFIG", "CONCURRENCY", "RULES", "ACCOUNT")
 
@@ -168,6 +171,11 @@ def compile_rules(directory: str) -> None:
 def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str) -> bool:
     """Make the service directory; return True when a config skeleton was written."""
     user, loguser = account(acct), account(logacct)
+    me = os.geteuid()
+    others = [u.pw_name for u in (user, loguser) if u.pw_uid != me]
+    if me != 0 and others:
+        raise Fatal(111, f"must be run as root to give files to {', '.join(dict.fromkeys(others))}: "
+                         "nothing created")
     root = user.pw_uid == 0
     if os.path.lexists(target):
         raise Fatal(111, f"{target} exists: refusing to touch it")

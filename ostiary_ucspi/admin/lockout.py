@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from ..config import DEFAULT_PATH, Config, ConfigError, load
+from ..config import SEARCH, Config, ConfigError, find, load
 from ..address import key as address_key
 from ..policy import ERRORS, STOPPED, Entry, keeper, lock, revive, unlock
 from ..supervise import bring_up_advice
@@ -44,7 +44,7 @@ USAGE = f"""usage: {PROG} [-c FILE] COMMAND
   prune           compact the store now, dropping expired strikes and locks
   export          locked-out addresses and prefixes, one a line
   reset --force   move a corrupt store aside, start an empty one
-FILE defaults to {DEFAULT_PATH}. Exit 0 done, 100 usage, 111 failure."""
+FILE defaults to the first of {', '.join(SEARCH)} that exists. Exit 0 done, 100 usage, 111 failure."""
 ARITY = {"list": 0, "show": 1, "unlock": 1, "lock": 1, "revive": 0, "prune": 0,
          "export": 0, "reset": 0}
 
@@ -84,7 +84,7 @@ def parse_stopped(raw: bytes) -> tuple[int, str]:
 
 def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     """Return (config path, command, its arguments); raise Usage."""
-    path = DEFAULT_PATH
+    path = find()
     args = argv[1:]
     while args and args[0].startswith("-"):
         a = args.pop(0)
@@ -216,7 +216,7 @@ def cmd_revive(store: Store, cfg: Config) -> None:
         return
     since, reason = parse_stopped(stopped)
     print(f"revived: stopped since {when(since)}: {reason}")
-    print(bring_up_advice())
+    print(bring_up_advice(cfg.path))
 
 
 def cmd_prune(store: Store) -> None:

@@ -37,7 +37,7 @@ def find() -> str:
     for path in SEARCH:
         if os.path.lexists(path):
             return path
-    return DEFAULT_PATH
+    return SEARCH[0]
 
 
 class ConfigError(Exception):

@@ -2,7 +2,9 @@
 
 Prints each action's command, uid, gid and undo (never a passphrase), warns
 about a config others can read and passphrases under 12 characters, refuses a
-world-writable config or action file. Exit 0 only when the config is usable.
+world-writable config or action file, and opens the lockout store as a
+connection does (so, run as the handler's account, it fails when that account
+cannot use the store). Exit 0 only when the config is usable.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import stat
 import sys
 
 from .actions import ActionRefused, prepare, resolve_ids
-from .config import Config, ConfigError, load
+from .config import SEARCH, Config, ConfigError, find, load
+from .store import Store, StoreError
 
 MIN_SECRET = 12
 
@@ -36,17 +39,39 @@ def problems(cfg: Config) -> tuple[list[str], list[str]]:
             prepare(cfg.ids(a), a.command, a.undo)
         except ActionRefused as e:
             errors.append(f"{name}:{a.line}: {what}: {e}")
-    db_dir = os.path.dirname(cfg.lockout_db)
-    if not os.path.isdir(db_dir):
-        errors.append(f"LOCKOUT_DB directory {db_dir} does not exist")
+    why = store_problem(cfg.lockout_db)
+    if why:
+        errors.append(f"lockout store: {why}")
     for line, key in cfg.unused:
         warnings.append(f"{name}:{line}: {key} is for Ostiary's own listener; not used here")
     return errors, warnings
 
 
-def report(cfg: Config) -> list[str]:
-    """Return the lines that describe what ``cfg`` would do."""
-    lines = [f"config {cfg.path}", f"lockout store {cfg.lockout_db}",
+def store_problem(path: str) -> str | None:
+    """Open the store at ``path`` as a connection does; return why that fails, or None.
+
+    A connection reads the store and takes the writers' lock (creating the
+    lock file and an empty snapshot the first time), then appends to the
+    journal: a check that only looked at the directory passed a store the
+    handler's account cannot read or write.
+    """
+    store = Store(path)
+    try:
+        with store.lock():
+            pass
+        if os.path.exists(store.journal):
+            os.close(os.open(store.journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+    except StoreError as e:
+        return str(e)
+    except OSError as e:
+        return f"unable to open {store.journal}: {e.strerror}"
+    return None
+
+
+def report(cfg: Config, searched: bool) -> list[str]:
+    """Return the lines that describe what ``cfg`` would do; ``searched``: no -c was given."""
+    used = f" (the first of {', '.join(SEARCH)} that exists)" if searched else ""
+    lines = [f"config {cfg.path}{used}", f"lockout store {cfg.lockout_db}",
              f"max bad connections {cfg.max_bad_conns}, comm timeout {cfg.comm_timeout}s, "
              f"delay {cfg.delay}s"]
     entries = [(f"action {i}", a) for i, a in enumerate(cfg.actions, 1)]
@@ -64,15 +89,16 @@ def report(cfg: Config) -> list[str]:
     return lines
 
 
-def check_main(path: str) -> int:
-    """Run the check; print to stdout, problems to stderr; return the exit status."""
+def check_main(path: str | None) -> int:
+    """Check ``path`` (None: search); print to stdout, problems to stderr; return the status."""
+    searched = path is None
     try:
-        cfg = load(path)
+        cfg = load(find() if path is None else path)
     except ConfigError as e:
         print(f"ostiary-handle: fatal: {e}", file=sys.stderr)
         return 111
     errors, warnings = problems(cfg)
-    print("\n".join(report(cfg)))
+    print("\n".join(report(cfg, searched)))
     for w in warnings:
         print(f"ostiary-handle: warning: {w}", file=sys.stderr)
     for e in errors:

@@ -17,7 +17,10 @@ Extensions to Ostiary 4.0 (all optional):
 """
 import os
 
-DEFAULT_PATH = "/etc/ostiary.cfg"
+# Where the programs look for ostiary.cfg without -c, in this order: the first
+# that exists is used. Directories only root may write (no /usr/local, no /tmp).
+SEARCH = ("/etc/ostiary.cfg", "/etc/ostiary/ostiary.cfg")
+DEFAULT_PATH = SEARCH[0]
 DEFAULT_DB = "/var/lib/ostiary/lockout.cdb"
 
 LOG_LEVELS = {
@@ -29,6 +32,14 @@ LISTENER_KEYS = ("PORT", "LOCAL_IP", "SKIP_DETACH", "IGNORE_URANDOM", "PIDFILE")
 FLAG_KEYS = ("EXIT_ON_IPCACHE_FULL", "SKIP_DETACH", "IGNORE_URANDOM")
 UNDO_MAX = 7 * 86400
 ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to setresuid
+
+
+def find() -> str:
+    """Return the first file of SEARCH that exists, else the first of SEARCH."""
+    for path in SEARCH:
+        if os.path.lexists(path):
+            return path
+    return SEARCH[0]
 
 
 class ConfigError(Exception):

@@ -1,6 +1,6 @@
 """ostiary-handle: serve one Ostiary 4.0 connection on descriptors 0 and 1, then exit.
 
-Usage: ``ostiary-handle [-c FILE]`` (default /etc/ostiary.cfg), run by
+Usage: ``ostiary-handle [-c FILE]`` (default: the first of config.SEARCH), run by
 tcpserver, tcpsvd, s6-tcpserver or inetd once per connection;
 ``ostiary-handle --check [-c FILE]`` validates FILE and prints what would run.
 
@@ -13,7 +13,7 @@ import time
 
 from . import log as logmod
 from .address import parse as parse_address
-from .config import DEFAULT_PATH, Action, Config, ConfigError, load
+from .config import Action, Config, ConfigError, find, load
 from .policy import charge, doors_due, fail, keeper, kill, refusal, stale_charge, succeed, uncharge
 from .store import Store, StoreCorrupt, StoreError, View
 
@@ -32,9 +32,13 @@ PRELOAD = ("select", "ostiary_ucspi.protocol", "ostiary_ucspi.actions", "ostiary
            "ostiary_ucspi.supervise")
 
 
-def parse_args(argv: list[str]) -> tuple[str, str]:
-    """Return (config path, mode: serve, check, help or version); raise ValueError when wrong."""
-    path, mode = DEFAULT_PATH, "serve"
+def parse_args(argv: list[str]) -> tuple[str | None, str]:
+    """Return (config path, None: search; mode: serve, check, help or version).
+
+    Raises ValueError on a bad command line.
+    """
+    path: str | None = None
+    mode = "serve"
     args = argv[1:]
     while args:
         a = args.pop(0)
@@ -74,8 +78,8 @@ def command_line_stop(mode: str, error: str) -> int:
 
 
 def peer_address() -> str | None:
-    """Return the client's address: TCPREMOTEIP (ucspi), else getpeername(0) (inetd)."""
-    ip = os.environ.get("TCPREMOTEIP")
+    """Return the client's address: TCPREMOTEIP (ucspi), REMOTE_ADDR (systemd), getpeername(0)."""
+    ip = os.environ.get("TCPREMOTEIP") or os.environ.get("REMOTE_ADDR")
     if ip:
         return ip
     from .cpython import socket
@@ -305,6 +309,8 @@ def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
         from .check import check_main
 
         return check_main(path)
+    if path is None:
+        path = find()
     if inetd is None:
         inetd = logmod.stderr_is_socket()
     log = logmod.Log(PROG, use_syslog=inetd)

@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -511,6 +512,7 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
     bin_dir.mkdir()
     for tool in ("sh", "envdir", "setuidgid", "envuidgid"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python3").symlink_to(sys.executable)  # run's bind probe
     for tool in ("ostiary-handle", "ostiary-lockout", "ostiary-tcpserver"):
         (bin_dir / tool).symlink_to(project_tool(tool))
     (target / "env" / "PATH").write_text(f"{bin_dir}\n")

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import project_tool
 from ostiary_ucspi import store as storemod
+from ostiary_ucspi import supervise
 from ostiary_ucspi.config import load
 from ostiary_ucspi.address import key as address_key
 from ostiary_ucspi.policy import ERRORS, STOPPED, Entry, charge, fail, refusal, stop
@@ -403,6 +404,7 @@ def test_revive_outside_supervision_names_no_directory(tmp_path, capsys, monkeyp
     rig = Rig(tmp_path, "MAX_SINGLE_ERRS=2\n")
     rig.fails("192.0.2.7", 3)
     monkeypatch.delenv("OSTIARY_SERVICE", raising=False)
+    monkeypatch.setattr(supervise, "ROOT", str(tmp_path))  # a machine with nothing set up
     assert main([PROG, "-c", rig.cfg_path, "revive"]) == 0
     out = capsys.readouterr().out
     assert "rm SERVICEDIR/down; svc -u SERVICEDIR" in out

@@ -19,8 +19,9 @@ For any other account DIR is made group-writable by the account's group
 (sticky, so the account can add ``down`` but not touch another file) and
 ``supervise/control`` is the account's, so that KILL can take the service down.
 
-Exit status: see :data:`EXITS`. A failure can leave DIR half made: remove it
-and run again.
+Exit status: see :data:`EXITS`. Only root can give files to another account:
+without root that is refused before anything is created. A later failure can
+leave DIR half made: remove it and run again.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ SHIPPED_LOGACCOUNT = "ostiarylog"  # what the project's service/ostiary/log/run 
 PATH_FILE = """\
 {path}
 # PATH: where run, tcpserver and ostiary-handle find their programs
-# (ostiary-handle, tcpserver, envdir, setuidgid, envuidgid, svc).
+# (ostiary-handle, tcpserver, envdir, setuidgid, envuidgid, svc, and python3
+# for run's bind probe).
 """
 ENV_NAMES = ("IP", "PORT", "CONFIG", "CONCURRENCY", "RULES", "ACCOUNT")
 
@@ -168,6 +170,11 @@ def compile_rules(directory: str) -> None:
 def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str) -> bool:
     """Make the service directory; return True when a config skeleton was written."""
     user, loguser = account(acct), account(logacct)
+    me = os.geteuid()
+    others = [u.pw_name for u in (user, loguser) if u.pw_uid != me]
+    if me != 0 and others:
+        raise Fatal(111, f"must be run as root to give files to {', '.join(dict.fromkeys(others))}: "
+                         "nothing created")
     root = user.pw_uid == 0
     if os.path.lexists(target):
         raise Fatal(f"{target} exists: refusing to touch it")

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from ..config import DEFAULT_PATH, Config, ConfigError, load
+from ..config import SEARCH, Config, ConfigError, find, load
 from ..fail import Fatal, Usage, standard
 from ..fail import run as fail_run
 from .. import doors
@@ -49,7 +49,8 @@ TABLE = {name: (operand, flag.strip("[]")) for name, operand, flag, _ in COMMAND
 USAGE = "\n".join(
     [f"{PROG} [-c FILE] COMMAND"]
     + [f"  {' '.join(w for w in (n, f, o) if w):<15} {d}" for n, o, f, d in COMMANDS]
-    + [f"FILE defaults to {DEFAULT_PATH}. Exit 0 done, 100 usage, 111 failure."])
+    + [f"FILE defaults to the first of {', '.join(SEARCH)} that exists. "
+       "Exit 0 done, 100 usage, 111 failure."])
 EXITS = {
     0: "done",
     100: "usage: a bad command line or a bad address",
@@ -84,7 +85,7 @@ def parse_stopped(raw: bytes) -> tuple[int, str]:
 
 def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     """Return (config path, command, its arguments); raise Usage."""
-    path = DEFAULT_PATH
+    path = find()
     args = argv[1:]
     while args and args[0].startswith("-"):
         a = args.pop(0)
@@ -283,7 +284,7 @@ def cmd_revive(store: Store, cfg: Config) -> None:
         return
     since, reason = parse_stopped(stopped)
     print(f"revived: stopped since {when(since)}: {reason}")
-    print(bring_up_advice())
+    print(bring_up_advice(cfg.path))
 
 
 def cmd_prune(store: Store) -> None:

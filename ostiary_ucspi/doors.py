@@ -97,7 +97,7 @@ def reindex(tx: Transaction, keys: list[bytes]) -> None:
     if not everyone:
         tx.put(INDEX, None)
         return
-    earliest = min((d.close_at for d in pending), default=0)
+    earliest = min((d.close_at for d in pending), default=0)  # 0: nothing to close
     tx.put(INDEX, b" ".join([b"%d" % earliest, *everyone]))
 
 

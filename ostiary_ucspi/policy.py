@@ -92,7 +92,7 @@ def doors_due(view: View | None, now: int) -> bool:
     if view is None:
         return False
     earliest, keys = parse_doors(view.get(DOORS))
-    return bool(keys) and earliest + DOORS_GRACE <= now
+    return bool(keys) and 0 < earliest <= now - DOORS_GRACE  # 0: only failed doors are left
 
 
 def stop(tx: Transaction, now: int, reason: str) -> None:

@@ -269,3 +269,22 @@ def test_two_handlers_noticing_one_overdue_door_run_it_once(rig: Rig) -> None:
     wait_for(lambda: not runners(rig), 10, "the sweepers to finish")
     assert len(undo_times(rig)) == 1
     assert door_list(rig) == []
+
+
+def test_a_failed_door_does_not_make_every_connection_sweep(rig: Rig) -> None:
+    undo = rig.action("undo", code=3)
+    store = Store(str(rig.db))
+    key = doors.door_key(1, "192.0.2.9")
+    doors.arm(store, 1, "192.0.2.9", undo, 0, os.getuid(), os.getgid(), time.time() - 60)
+    with store.lock() as tx:  # as MAX_ATTEMPTS failures leave it
+        door = doors.Door(key, tx.get(key))
+        door.state, door.attempts = b"failed", doors.MAX_ATTEMPTS
+        tx.put(key, door.encode())
+        doors.reindex(tx, [key])
+    from ostiary_ucspi.policy import doors_due
+    assert not doors_due(store.view(), int(time.time()))
+    assert [d["state"] for d in door_list(rig)] == ["failed"]  # still shown to the operator
+    h = rig.start(remote_ip="192.0.2.99")
+    h.talk(b"wrong")
+    assert h.wait() == 0
+    assert "sweeping" not in rig.log_text()

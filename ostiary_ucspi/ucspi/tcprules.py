@@ -149,7 +149,7 @@ def _compile(cdb: str, tmp: str) -> None:
 def body(argv: list[str]) -> None:
     """Compile standard input into argv[1] by way of argv[2]."""
     args = argv[1:]
-    if args[:1] in (["--help"], ["--version"]):
+    if args[:1] in (["-h"], ["--help"], ["--version"]):
         fail.standard(args[0])
     if len(args) < 2:
         raise fail.Usage(USAGE)

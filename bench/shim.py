@@ -32,6 +32,7 @@ Usage: python3 bench/shim.py [--program handle|true|python] [--fork] [--conns N]
        [--rounds R] [-c LIMIT] [--concurrency K] [-- command ...]
 Needs only the standard library, tcpserver (ucspi-tcp) and this project installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def handle_config(work: str) -> str:
     """Copy the shipped examples/ostiary.cfg, its store moved into ``work``; return its path."""
     with open(os.path.join(REPO, "examples", "ostiary.cfg")) as f:
         text = f.read()
-    lines = [f"LOCKOUT_DB={work}/lockout.cdb" if line.startswith("LOCKOUT_DB=") else line
-             for line in text.splitlines()]
+    lines = [
+        f"LOCKOUT_DB={work}/lockout.cdb" if line.startswith("LOCKOUT_DB=") else line
+        for line in text.splitlines()
+    ]
     cfg = os.path.join(work, "ostiary.cfg")
     fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "w") as f:
@@ -128,8 +131,10 @@ def load(port: int, total: int, concurrency: int, respond: bool) -> None:
                     state[1] = True
                 continue
             if respond and not state[1]:
-                raise SystemExit(f"bench: connection closed after {len(state[0])} bytes, no salt"
-                                 f" (see the servers' log)")
+                raise SystemExit(
+                    f"bench: connection closed after {len(state[0])} bytes, no salt"
+                    f" (see the servers' log)"
+                )
             sel.unregister(s)
             s.close()
             finished += 1
@@ -160,7 +165,9 @@ def uss(argv: list[str], held: int, log: str) -> float:
     try:
         port = int(server.stdout.readline())
         for n in range(held):
-            s = socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.1.{n + 2}", 0))
+            s = socket.create_connection(
+                ("127.0.0.1", port), source_address=(f"127.0.1.{n + 2}", 0)
+            )
             s.recv(32)
             socks.append(s)
         deadline = time.monotonic() + 10
@@ -177,8 +184,9 @@ def uss(argv: list[str], held: int, log: str) -> float:
         server.stdout.close()
 
 
-def measure(argv: list[str], conns: int, concurrency: int, respond: bool,
-            log: str) -> dict[str, float]:
+def measure(
+    argv: list[str], conns: int, concurrency: int, respond: bool, log: str
+) -> dict[str, float]:
     """Start one server, warm it up, time ``conns`` connections; return the figures."""
     server = start(argv, log)
     try:
@@ -197,8 +205,12 @@ def measure(argv: list[str], conns: int, concurrency: int, respond: bool,
         server.terminate()
         server.wait()
         server.stdout.close()
-    return {"rate": conns / wall, "ms": 1000 * wall / conns,
-            "parent_us": 1e6 * (own1 - own0) / conns, "kids_us": 1e6 * (kids1 - kids0) / conns}
+    return {
+        "rate": conns / wall,
+        "ms": 1000 * wall / conns,
+        "parent_us": 1e6 * (own1 - own0) / conns,
+        "kids_us": 1e6 * (kids1 - kids0) / conns,
+    }
 
 
 def main() -> int:
@@ -208,8 +220,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="runs of each server, interleaved")
     ap.add_argument("-c", dest="limit", type=int, default=8, help="tcpserver -c (both)")
     ap.add_argument("--concurrency", type=int, help="client connections in flight (default: -c)")
-    ap.add_argument("--fork", action="store_true",
-                    help="the shim forks the imported handler (-F), no exec (handle only)")
+    ap.add_argument(
+        "--fork",
+        action="store_true",
+        help="the shim forks the imported handler (-F), no exec (handle only)",
+    )
     ap.add_argument("command", nargs="*", help="program to run instead (after --)")
     args = ap.parse_args()
     if args.fork and (args.command or args.program != "handle"):
@@ -229,39 +244,54 @@ def main() -> int:
         conns = args.conns or (2000 if program == ["/bin/true"] else 300)
         flags = ["-1", "-HRl0", "-c", str(args.limit), "127.0.0.1", "0"]
         fork = ["-F", "ostiary_ucspi.handle"] if args.fork else []
-        servers = {"real": [tool("tcpserver")] + flags + program,
-                   "shim": [tool("ostiary-tcpserver")] + fork + flags + program}
+        servers = {
+            "real": [tool("tcpserver")] + flags + program,
+            "shim": [tool("ostiary-tcpserver")] + fork + flags + program,
+        }
         log = os.path.join(work, "log")
         results: dict[str, list[dict[str, float]]] = {"real": [], "shim": []}
         for _ in range(args.rounds):
             for which in ("real", "shim"):
                 results[which].append(measure(servers[which], conns, concurrency, respond, log))
         memory = {w: uss(servers[w], args.limit, log) for w in servers} if args.fork else {}
-    print(f"program: {name}" + ("; shim: -F ostiary_ucspi.handle (forks, no exec)"
-                                 if args.fork else ""))
-    print(f"both: -HRl0 -c {args.limit}; {concurrency} clients in flight; {conns} connections "
-          f"per run; {args.rounds} runs each, interleaved real/shim; "
-          f"python {sys.version.split()[0]}")
-    print(f"{'server':6} {'conn/s':>9} {'ms/conn':>8} {'parent CPU us/conn':>19} "
-          f"{'children CPU us/conn':>21}  runs (conn/s)")
+    print(
+        f"program: {name}"
+        + ("; shim: -F ostiary_ucspi.handle (forks, no exec)" if args.fork else "")
+    )
+    print(
+        f"both: -HRl0 -c {args.limit}; {concurrency} clients in flight; {conns} connections "
+        f"per run; {args.rounds} runs each, interleaved real/shim; "
+        f"python {sys.version.split()[0]}"
+    )
+    print(
+        f"{'server':6} {'conn/s':>9} {'ms/conn':>8} {'parent CPU us/conn':>19} "
+        f"{'children CPU us/conn':>21}  runs (conn/s)"
+    )
     medians = {}
     for which in ("real", "shim"):
         rs = results[which]
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         medians[which] = med
         runs = " ".join(f"{r['rate']:.0f}" for r in rs)
-        print(f"{which:6} {med['rate']:9.1f} {med['ms']:8.3f} {med['parent_us']:19.0f} "
-              f"{med['kids_us']:21.0f}  {runs}")
+        print(
+            f"{which:6} {med['rate']:9.1f} {med['ms']:8.3f} {med['parent_us']:19.0f} "
+            f"{med['kids_us']:21.0f}  {runs}"
+        )
     ratio = medians["shim"]["rate"] / medians["real"]["rate"]
     extra = medians["shim"]["ms"] - medians["real"]["ms"]
-    print(f"ratio shim/real (conn/s): {ratio:.3f}   "
-          f"extra time per connection: {extra * 1000:+.0f} us")
+    print(
+        f"ratio shim/real (conn/s): {ratio:.3f}   extra time per connection: {extra * 1000:+.0f} us"
+    )
     if args.fork:
         cpu_of = {w: medians[w]["parent_us"] + medians[w]["kids_us"] for w in medians}
-        print(f"CPU per connection, shim/real: {cpu_of['shim'] / cpu_of['real']:.3f} (goal <= 0.1)"
-              f"   conn/s goal >= 10")
-        print(f"USS per live handler child: real {memory['real']:.0f} KiB, "
-              f"shim {memory['shim']:.0f} KiB (goal <= 1024)")
+        print(
+            f"CPU per connection, shim/real: {cpu_of['shim'] / cpu_of['real']:.3f} (goal <= 0.1)"
+            f"   conn/s goal >= 10"
+        )
+        print(
+            f"USS per live handler child: real {memory['real']:.0f} KiB, "
+            f"shim {memory['shim']:.0f} KiB (goal <= 1024)"
+        )
     return 0
 
 

@@ -25,6 +25,7 @@ Prints medians, 90th percentiles and the ratios to the baseline; goals
 
 Usage: python3 bench/startup.py [--runs N] [--venv DIR]
 """
+
 import argparse
 import hashlib
 import hmac
@@ -112,8 +113,10 @@ def run_once(kind: str, py: str, handle: str, cfgs: dict[str, str], rss: bool) -
 def setup(py: str, work: str) -> dict[str, str]:
     """Write the two configs and lock 127.0.0.2 out; return {name: config path}."""
     with open(os.path.join(REPO, "examples", "ostiary.cfg")) as f:
-        example = [f"LOCKOUT_DB={work}/lockout.cdb" if line.startswith("LOCKOUT_DB=") else line
-                   for line in f.read().splitlines()]
+        example = [
+            f"LOCKOUT_DB={work}/lockout.cdb" if line.startswith("LOCKOUT_DB=") else line
+            for line in f.read().splitlines()
+        ]
     eight = [line for line in example if not line.startswith(("ACTION=", "UNDO="))]
     for n in range(1, 9):
         script = os.path.join(work, f"action{n}")
@@ -130,12 +133,14 @@ def setup(py: str, work: str) -> dict[str, str]:
         fd = os.open(cfgs[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with open(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
-    lock = ("import sys, time\n"
-            "from ostiary_ucspi.store import Store\n"
-            "from ostiary_ucspi.policy import Entry\n"
-            "e = Entry(); e.strikes = e.errors = 3; e.locked_since = e.last_seen = int(time.time())\n"
-            "with Store(sys.argv[1]).lock() as tx:\n"
-            "    tx.put(b'127.0.0.2', e.encode())\n")
+    lock = (
+        "import sys, time\n"
+        "from ostiary_ucspi.store import Store\n"
+        "from ostiary_ucspi.policy import Entry\n"
+        "e = Entry(); e.strikes = e.errors = 3; e.locked_since = e.last_seen = int(time.time())\n"
+        "with Store(sys.argv[1]).lock() as tx:\n"
+        "    tx.put(b'127.0.0.2', e.encode())\n"
+    )
     subprocess.run([py, "-c", lock, f"{work}/lockout.cdb"], check=True)
     return cfgs
 
@@ -156,8 +161,9 @@ def main() -> int:
         handle = os.path.join(os.path.dirname(py), "ostiary-handle")
         os.chmod(work, 0o755)  # actions run as nobody: they must reach their scripts
         cfgs = setup(py, work)
-        kinds = ["baseline"] + [f"{w}-{h}" for h in ("fast", "plain")
-                                for w in ("locked", "success", "success8")]
+        kinds = ["baseline"] + [
+            f"{w}-{h}" for h in ("fast", "plain") for w in ("locked", "success", "success8")
+        ]
         has_time = os.access(TIME, os.X_OK)
         if not has_time:
             print(f"{TIME} not found (apt-get install time): no peak RSS figures")
@@ -173,19 +179,27 @@ def main() -> int:
                     rss[k].append(run_once(k, py, handle, cfgs, True)[1])
     base_w = statistics.median(wall["baseline"])
     base_r = statistics.median(rss["baseline"]) if has_time else 1
-    print(f"python {sys.version.split()[0]}, {args.runs} rounds, interleaved; "
-          "config: examples/ostiary.cfg (success8: eight ACTIONs)")
-    print(f"{'command':15} {'median ms':>10} {'p90 ms':>8} {'peak RSS KiB':>13} "
-          f"{'wall ratio':>11} {'RSS ratio':>10}  goal")
-    goals = {"locked-fast": "wall <= 1.00x, RSS <= 1.00x",
-             "success-fast": "wall <= 1.15x, RSS <= 1.00x",
-             "success8-fast": "wall <= 1.15x, RSS <= 1.00x"}
+    print(
+        f"python {sys.version.split()[0]}, {args.runs} rounds, interleaved; "
+        "config: examples/ostiary.cfg (success8: eight ACTIONs)"
+    )
+    print(
+        f"{'command':15} {'median ms':>10} {'p90 ms':>8} {'peak RSS KiB':>13} "
+        f"{'wall ratio':>11} {'RSS ratio':>10}  goal"
+    )
+    goals = {
+        "locked-fast": "wall <= 1.00x, RSS <= 1.00x",
+        "success-fast": "wall <= 1.15x, RSS <= 1.00x",
+        "success8-fast": "wall <= 1.15x, RSS <= 1.00x",
+    }
     for k in kinds:
         m = statistics.median(wall[k])
         r = statistics.median(rss[k]) if has_time else 0
         rr = f"{r / base_r:9.3f}x" if has_time else f"{'n/a':>10}"
-        print(f"{k:15} {m * 1000:10.2f} {pct(wall[k], 90) * 1000:8.2f} {r:13.0f} "
-              f"{m / base_w:10.3f}x {rr}  {goals.get(k, '')}")
+        print(
+            f"{k:15} {m * 1000:10.2f} {pct(wall[k], 90) * 1000:8.2f} {r:13.0f} "
+            f"{m / base_w:10.3f}x {rr}  {goals.get(k, '')}"
+        )
     return 0
 
 

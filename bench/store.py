@@ -25,6 +25,7 @@ Goals at 100k: charge and refund median <= 2 ms, lookup median <= 0.5 ms,
 
 Usage: python3 bench/store.py [--dir DIR] [--sizes 1000,10000,100000] [--connections N]
 """
+
 import argparse
 import os
 import random
@@ -46,8 +47,12 @@ MS = 1e-6  # nanoseconds to milliseconds
 def random_key(rng: random.Random) -> bytes:
     """Return a store key as address_key makes them: IPv4, or an IPv6 /64."""
     if rng.random() < 0.9:
-        return b"%d.%d.%d.%d" % (rng.randrange(1, 224), rng.randrange(256),
-                                 rng.randrange(256), rng.randrange(1, 255))
+        return b"%d.%d.%d.%d" % (
+            rng.randrange(1, 224),
+            rng.randrange(256),
+            rng.randrange(256),
+            rng.randrange(1, 255),
+        )
     return b"2001:db8:%x:%x::/64" % (rng.randrange(65536), rng.randrange(65536))
 
 
@@ -140,8 +145,13 @@ def run_size(directory: str, n: int, connections: int, cfg, rng: random.Random) 
     assert kept >= n, "addresses expired during the benchmark"
     snapshot = os.path.getsize(path)
     result = {
-        "n": n, "lookup": lookups, "charge": charges, "refund": refunds,
-        "compactions": compactions, "compact_ns": compact_ns, "peak": peak,
+        "n": n,
+        "lookup": lookups,
+        "charge": charges,
+        "refund": refunds,
+        "compactions": compactions,
+        "compact_ns": compact_ns,
+        "peak": peak,
         "snap_bytes": snapshot / kept,
         "max_bytes": (snapshot + journal_threshold(snapshot)) / kept,
         "journal_max": journal_threshold(snapshot),
@@ -166,8 +176,11 @@ def filesystem(path: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", default="/var/tmp",
-                    help="where to build the stores (a real disk: tmpfs makes fsync free)")
+    ap.add_argument(
+        "--dir",
+        default="/var/tmp",
+        help="where to build the stores (a real disk: tmpfs makes fsync free)",
+    )
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--connections", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=5)
@@ -178,39 +191,56 @@ def main() -> int:
     rng = random.Random(args.seed)
     try:
         sync = fsync_cost(directory)
-        print(f"lockout store: CDB snapshot (pure-cdb) + journal; {args.connections} connections per size")
-        print(f"{directory} on {filesystem(os.path.realpath(directory))}, Python "
-              f"{sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
-              f"{os.getloadavg()[0]:.1f}; "
-              f"one journal append + fdatasync alone: {sync * MS:.3f} ms median")
-        print("times in ms, median / 99th percentile; write mean: charges and refunds with the "
-              "compactions they triggered; compaction: one rewrite of the whole CDB")
+        print(f"lockout store: CDB snapshot + journal; {args.connections} connections per size")
+        print(
+            f"{directory} on {filesystem(os.path.realpath(directory))}, Python "
+            f"{sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f}; "
+            f"one journal append + fdatasync alone: {sync * MS:.3f} ms median"
+        )
+        print(
+            "times in ms, median / 99th percentile; write mean: charges and refunds with the "
+            "compactions they triggered; compaction: one rewrite of the whole CDB"
+        )
         print()
-        head = (f"{'addresses':>9}  {'lookup':>13}  {'charge':>13}  {'refund':>13}  "
-                f"{'write mean':>10}  {'compactions':>11}  {'compaction':>10}  {'peak MiB':>8}  "
-                f"{'bytes/addr':>10}  {'+journal':>8}  {'journal max':>11}")
+        head = (
+            f"{'addresses':>9}  {'lookup':>13}  {'charge':>13}  {'refund':>13}  "
+            f"{'write mean':>10}  {'compactions':>11}  {'compaction':>10}  {'peak MiB':>8}  "
+            f"{'bytes/addr':>10}  {'+journal':>8}  {'journal max':>11}"
+        )
         print(head)
         results = []
         for n in sizes:
             r = run_size(directory, n, args.connections, cfg, rng)
             results.append(r)
-            cols = [f"{median(r[k]) * MS:5.3f} / {p99(r[k]) * MS:5.3f}"
-                    for k in ("lookup", "charge", "refund")]
+            cols = [
+                f"{median(r[k]) * MS:5.3f} / {p99(r[k]) * MS:5.3f}"
+                for k in ("lookup", "charge", "refund")
+            ]
             writes = r["charge"] + r["refund"]
-            print(f"{n:>9}  {cols[0]:>13}  {cols[1]:>13}  {cols[2]:>13}  "
-                  f"{sum(writes) / len(writes) * MS:>10.3f}  "
-                  f"{r['compactions']:>11}  {r['compact_ns'] * MS:>10.1f}  "
-                  f"{r['peak'] / 2**20:>8.1f}  {r['snap_bytes']:>10.1f}  {r['max_bytes']:>8.1f}  "
-                  f"{r['journal_max'] // 1024:>7} KiB", flush=True)
+            print(
+                f"{n:>9}  {cols[0]:>13}  {cols[1]:>13}  {cols[2]:>13}  "
+                f"{sum(writes) / len(writes) * MS:>10.3f}  "
+                f"{r['compactions']:>11}  {r['compact_ns'] * MS:>10.1f}  "
+                f"{r['peak'] / 2**20:>8.1f}  {r['snap_bytes']:>10.1f}  {r['max_bytes']:>8.1f}  "
+                f"{r['journal_max'] // 1024:>7} KiB",
+                flush=True,
+            )
         print()
         first, last = results[0], results[-1]
         for k in ("lookup", "charge", "refund"):
-            print(f"{k} median at {last['n']} / at {first['n']}: "
-                  f"{median(last[k]) / median(first[k]):.2f}x")
-        print(f"a rewrite of the whole CDB at {last['n']} / a journal charge there: "
-              f"{last['compact_ns'] / median(last['charge']):.0f}x")
-        print(f"fdatasync share of the charge median at {last['n']}: "
-              f"{sync / median(last['charge']) * 100:.0f}%")
+            print(
+                f"{k} median at {last['n']} / at {first['n']}: "
+                f"{median(last[k]) / median(first[k]):.2f}x"
+            )
+        print(
+            f"a rewrite of the whole CDB at {last['n']} / a journal charge there: "
+            f"{last['compact_ns'] / median(last['charge']):.0f}x"
+        )
+        print(
+            f"fdatasync share of the charge median at {last['n']}: "
+            f"{sync / median(last['charge']) * 100:.0f}%"
+        )
         if last["n"] == 100000:
             ok = {
                 "charge median <= 2 ms": median(last["charge"]) * MS <= 2,
@@ -218,8 +248,10 @@ def main() -> int:
                 "lookup median <= 0.5 ms": median(last["lookup"]) * MS <= 0.5,
                 "<= 100 bytes per address (journal full)": last["max_bytes"] <= 100,
             }
-            print("goals at 100k: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
-                                                for k, v in ok.items()))
+            print(
+                "goals at 100k: "
+                + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in ok.items())
+            )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return 0

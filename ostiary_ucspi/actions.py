@@ -5,6 +5,7 @@ handler can exit at once; the runner starts the action, copies its output to the
 by line, logs its exit status, and, for an action with an UNDO, waits for its
 door to close (:mod:`.doors`).
 """
+
 import os
 import stat
 
@@ -12,7 +13,7 @@ from . import log as logmod
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
+    from collections.abc import Callable
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -26,6 +27,7 @@ def resolve_ids(uid: int | None, gid: int | None) -> tuple[int, int]:
     if os.getuid() == 0:
         if uid is None or gid is None:
             import pwd
+
             try:
                 nobody = pwd.getpwnam("nobody")
             except KeyError:
@@ -40,7 +42,7 @@ def resolve_ids(uid: int | None, gid: int | None) -> tuple[int, int]:
 
 
 def lookup_chain(path: str) -> list[str]:
-    """Every directory the kernel walks through to reach ``path``, symlinks followed, then the file."""
+    """Every directory the kernel walks to reach ``path``, symlinks followed, then the file."""
     chain, cur, parts, hops = ["/"], "/", path.split("/"), 0
     while parts:
         part = parts.pop(0)
@@ -83,7 +85,9 @@ def check_file(path: str, uid: int) -> None:
             raise ActionRefused(f"{p} is world-writable")
         shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky
         if uid == 0 and (st.st_uid != 0 or shared):
-            raise ActionRefused(f"{p} is writable by someone other than root, and the action runs as root")
+            raise ActionRefused(
+                f"{p} is writable by someone other than root, and the action runs as root"
+            )
     if not os.access(path, os.X_OK):
         raise ActionRefused(f"{path} is not executable")
 
@@ -104,7 +108,9 @@ def default_signals() -> None:
     pthread_sigmask(SIG_SETMASK, ())
 
 
-def prepare(ids: "tuple[int | None, int | None]", command: str, undo: str | None) -> tuple[int, int]:
+def prepare(
+    ids: "tuple[int | None, int | None]", command: str, undo: str | None
+) -> tuple[int, int]:
     """Return the (uid, gid) an action runs as, its command and undo checked; raise ActionRefused.
 
     ``ids`` is what the config asks for (Config.ids). The handler calls this
@@ -185,9 +191,17 @@ def detach(job: "Callable[[], object]", log: logmod.Log) -> None:
         os._exit(0)
 
 
-def spawn(what: str, path: str, ip: str, uid: int, gid: int, log: logmod.Log,
-          then: "Callable[[], object] | None" = None) -> None:
+def spawn(
+    what: str,
+    path: str,
+    ip: str,
+    uid: int,
+    gid: int,
+    log: logmod.Log,
+    then: "Callable[[], object] | None" = None,
+) -> None:
     """Run ``path ip`` in a detached runner (see :func:`detach`), then ``then()`` there."""
+
     def job() -> None:
         run_logged(path, ip, uid, gid, log, what)
         if then is not None:

@@ -10,12 +10,14 @@ cost more than the look-ups. Both tcprules CDBs and lockout snapshots are
 written and checked here: a leaf shared by the handler's store and the
 ucspi-tcp shim.
 """
+
 import struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the handler's start-up an re and enum import
+    from collections.abc import Iterator
     from mmap import mmap
-    from typing import BinaryIO, Iterator
+    from typing import BinaryIO
 
     Data = bytes | mmap
 
@@ -42,7 +44,7 @@ def check_header(data: "Data") -> tuple[int, ...]:
         raise CdbError(f"too short to be a CDB ({size} bytes)")
     header: tuple[int, ...] = _header(data)
     starts = header[0::2]
-    ends = [start + 8 * slots for start, slots in zip(starts, header[1::2])]
+    ends = [start + 8 * slots for start, slots in zip(starts, header[1::2], strict=True)]
     if starts[0] < HEADER_LEN or list(starts[1:]) != ends[:-1]:
         raise CdbError("bad CDB header")
     if ends[-1] != size:
@@ -81,8 +83,8 @@ class Reader:
                 if stored == h:
                     klen, vlen = _unpair(data, where)
                     start = where + 8
-                    if data[start:start + klen] == key:
-                        value: bytes = data[start + klen:start + klen + vlen]
+                    if data[start : start + klen] == key:
+                        value: bytes = data[start + klen : start + klen + vlen]
                         return value
                 i = (i + 1) % slots
         except struct.error:
@@ -100,7 +102,7 @@ class Reader:
             start = where + 8
             if start + klen + vlen > end:
                 raise CdbError("a record runs into the hash tables")
-            yield data[start:start + klen], data[start + klen:start + klen + vlen]
+            yield data[start : start + klen], data[start + klen : start + klen + vlen]
             where = start + klen + vlen
 
 

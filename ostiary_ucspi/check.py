@@ -6,6 +6,7 @@ world-writable config or action file, and opens the lockout store as a
 connection does (so, run as the handler's account, it fails when that account
 cannot use the store). Exit 0 only when the config is usable.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,9 +72,12 @@ def store_problem(path: str) -> str | None:
 def report(cfg: Config, searched: bool) -> list[str]:
     """Return the lines that describe what ``cfg`` would do; ``searched``: no -c was given."""
     used = f" (the first of {', '.join(SEARCH)} that exists)" if searched else ""
-    lines = [f"config {cfg.path}{used}", f"lockout store {cfg.lockout_db}",
-             f"max bad connections {cfg.max_bad_conns}, comm timeout {cfg.comm_timeout}s, "
-             f"delay {cfg.delay}s"]
+    lines = [
+        f"config {cfg.path}{used}",
+        f"lockout store {cfg.lockout_db}",
+        f"max bad connections {cfg.max_bad_conns}, comm timeout {cfg.comm_timeout}s, "
+        f"delay {cfg.delay}s",
+    ]
     entries = [(f"action {i}", a) for i, a in enumerate(cfg.actions, 1)]
     if cfg.lockout_action is not None:
         entries.append(("lockout action", cfg.lockout_action))

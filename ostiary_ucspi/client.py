@@ -103,6 +103,7 @@ Exit status:
   130  interrupted
 When every address of a name fails, the status is that of the last one tried.
 """
+
 from __future__ import annotations
 
 import os
@@ -112,22 +113,25 @@ import sys
 import time
 
 from . import fail
+from .protocol import SALT_LEN, response
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, TypeVar
+    from collections.abc import Callable
+    from typing import TypeVar
 
     T = TypeVar("T")
-from .protocol import SALT_LEN, response
 
 PROG = "ostiary-client"
 PROMPT = b"Enter command secret: "
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_WAIT = 10.0
-SYNOPSIS = ("ostiary-client -a host[:port] [-p port] [-f fd | --secret-file path"
-            " | --secret-command cmd] [--timeout seconds] [--connect [host:]port"
-            " | --wait-open [host:]port] [--wait seconds] [-v]"
-            " | ostiary-client TARGET [--config path] [option ...]")
+SYNOPSIS = (
+    "ostiary-client -a host[:port] [-p port] [-f fd | --secret-file path"
+    " | --secret-command cmd] [--timeout seconds] [--connect [host:]port"
+    " | --wait-open [host:]port] [--wait seconds] [-v]"
+    " | ostiary-client TARGET [--config path] [option ...]"
+)
 # --help prints the docstring's usage and all after it (the synopsis, without docstrings).
 USAGE = (__doc__ or "usage: " + SYNOPSIS).split("usage: ", 1)[1].rstrip("\n")
 
@@ -146,29 +150,29 @@ EXIT_CONFIG = fail.FATAL
 EXIT_INTERRUPTED = 130
 EXITS: dict[int, str] = {
     0: "the response was handed to the network (that is all it means); with --connect, "
-       "the relay ended with both sides closed or the reader of standard output gone; "
-       "with --wait-open, the port accepted",
+    "the relay ended with both sides closed or the reader of standard output gone; "
+    "with --wait-open, the port accepted",
     EXIT_USAGE: "usage error, or a TARGET no file of targets holds",
     EXIT_SECRET: "no passphrase: the secret file cannot be read or is readable by group or "
-                 "others, the descriptor cannot be read, there is no terminal to ask on, or "
-                 "the passphrase is empty",
+    "others, the descriptor cannot be read, there is no terminal to ask on, or "
+    "the passphrase is empty",
     EXIT_RESOLVE: "the host name cannot be resolved",
     EXIT_REFUSED: "connection refused",
     EXIT_TIMEOUT: "timed out, connecting or waiting for the salt",
     EXIT_CLOSED: "the server closed the connection before a full salt arrived: what a server "
-                 "does when this address is locked out or denied by its rules, or when it "
-                 "is stopping",
+    "does when this address is locked out or denied by its rules, or when it "
+    "is stopping",
     EXIT_SEND: "sending the response failed",
     EXIT_CONNECT: "cannot connect for another reason (network or host unreachable, ...)",
     EXIT_NEVER_OPENED: "knocked, but the port never opened: --connect or --wait-open found "
-                       "host:port closed for --wait seconds",
+    "host:port closed for --wait seconds",
     EXIT_RELAY: "the relayed connection failed: reset, or an error reading standard input "
-                "or writing the connection",
+    "or writing the connection",
     EXIT_COMMAND: "the secret command failed: it cannot be run, exited non-zero or on a "
-                  "signal, or printed nothing",
+    "signal, or printed nothing",
     EXIT_CONFIG: "the file of targets cannot be used: unreadable, a bad line, owned by "
-                 "someone else, writable by group or others, or an inline secret readable "
-                 "by them",
+    "someone else, writable by group or others, or an inline secret readable "
+    "by them",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -176,13 +180,28 @@ WHITESPACE = b" \t\n\r\v\f"
 # Command-line options: does each take a value? (OPTIONAL: only a [host:]port word.)
 NONE, REQUIRED, OPTIONAL = 0, 1, 2
 SHORT = {"a": REQUIRED, "p": REQUIRED, "f": REQUIRED, "v": NONE, "h": NONE}
-LONG = {"secret-file": REQUIRED, "secret-command": REQUIRED, "timeout": REQUIRED,
-        "connect": OPTIONAL, "wait-open": OPTIONAL, "wait": REQUIRED, "config": REQUIRED,
-        "help": NONE, "version": NONE}
+LONG = {
+    "secret-file": REQUIRED,
+    "secret-command": REQUIRED,
+    "timeout": REQUIRED,
+    "connect": OPTIONAL,
+    "wait-open": OPTIONAL,
+    "wait": REQUIRED,
+    "config": REQUIRED,
+    "help": NONE,
+    "version": NONE,
+}
 # client.conf's keys, each the option it stands for (an inline secret has none).
-KEYS = {"host": "-a", "port": "-p", "secret-file": "--secret-file",
-        "secret-command": "--secret-command", "secret": "secret", "connect": "--connect",
-        "wait": "--wait", "timeout": "--timeout"}
+KEYS = {
+    "host": "-a",
+    "port": "-p",
+    "secret-file": "--secret-file",
+    "secret-command": "--secret-command",
+    "secret": "secret",
+    "connect": "--connect",
+    "wait": "--wait",
+    "timeout": "--timeout",
+}
 KEY_OF = {flag: key for key, flag in KEYS.items()}
 SOURCES = ("-f", "--secret-file", "--secret-command", "secret")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
@@ -249,7 +268,7 @@ def split_address(text: str, what: str = "-a") -> tuple[str, int | None, bool]:
         end = text.find("]")
         if end < 0:
             raise ValueError(f"missing ] in {what} {text}")
-        host, tail = text[1:end], text[end + 1:]
+        host, tail = text[1:end], text[end + 1 :]
         if tail:
             if not tail.startswith(":"):
                 raise ValueError(f"unexpected {tail!r} after ] in {what} {text}")
@@ -396,8 +415,10 @@ def parse_args(args: list[str]) -> Options:
     server(opts, layers)
     passphrase_source(opts, layers)
     for flag, attr in (("--timeout", "timeout"), ("--wait", "wait")):
-        value = next((v for x in layers if (v := x.check(flag, parse_seconds, x.name(flag)))
-                      is not None), None)
+        value = next(
+            (v for x in layers if (v := x.check(flag, parse_seconds, x.name(flag))) is not None),
+            None,
+        )
         if value is not None:
             setattr(opts, attr, value)
     if modes:
@@ -419,8 +440,11 @@ def server(opts: Options, layers: list[Settings]) -> None:
         port_p = layer.check("-p", parse_port)
         port_a = None if host is None else host[1]
         if port_a is not None and port_p is not None and port_a != port_p:
-            raise layer.wrong("-p", f"two different ports: {port_a} in {layer.name('-a')}, "
-                                    f"{port_p} in {layer.name('-p')}")
+            raise layer.wrong(
+                "-p",
+                f"two different ports: {port_a} in {layer.name('-a')}, "
+                f"{port_p} in {layer.name('-p')}",
+            )
         if host is not None and not opts.host:
             opts.host, opts.numeric = host[0], host[2]
         port = port_a if port_a is not None else port_p
@@ -437,8 +461,11 @@ def passphrase_source(opts: Options, layers: list[Settings]) -> None:
     for layer in layers:
         given = [x for x in SOURCES if x in layer.values]
         if len(given) > 1:
-            raise layer.wrong(given[1], f"{layer.name(given[0])} and {layer.name(given[1])} "
-                                        "both name a passphrase: give one")
+            raise layer.wrong(
+                given[1],
+                f"{layer.name(given[0])} and {layer.name(given[1])} "
+                "both name a passphrase: give one",
+            )
         if given:
             opts.source = source = given[0]
             value = layer.values[source]
@@ -457,9 +484,13 @@ def passphrase_source(opts: Options, layers: list[Settings]) -> None:
 
 
 # Each key's check, with the name its messages use.
-CHECKS: dict[str, tuple] = {"-a": (split_address, "host"), "-p": (parse_port,),
-                            "--timeout": (parse_seconds, "timeout"),
-                            "--wait": (parse_seconds, "wait"), "--connect": (parse_door, "connect")}
+CHECKS: dict[str, tuple] = {
+    "-a": (split_address, "host"),
+    "-p": (parse_port,),
+    "--timeout": (parse_seconds, "timeout"),
+    "--wait": (parse_seconds, "wait"),
+    "--connect": (parse_door, "connect"),
+}
 
 
 def config_paths() -> list[str]:
@@ -488,11 +519,15 @@ def load_target(name: str, path: str | None) -> Settings:
         if not stat.S_ISREG(st.st_mode):
             raise fail.Fatal(f"refusing {path}: not a regular file", EXIT_CONFIG)
         if st.st_uid not in (os.geteuid(), 0):
-            raise fail.Fatal(f"refusing {path}: it belongs to uid {st.st_uid}, neither you nor "
-                             "root", EXIT_CONFIG)
+            raise fail.Fatal(
+                f"refusing {path}: it belongs to uid {st.st_uid}, neither you nor root", EXIT_CONFIG
+            )
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise fail.Fatal(f"refusing {path}: its group or others may write it (mode "
-                             f"{mode:04o}); chmod go-w it", EXIT_CONFIG)
+            raise fail.Fatal(
+                f"refusing {path}: its group or others may write it (mode "
+                f"{mode:04o}); chmod go-w it",
+                EXIT_CONFIG,
+            )
         with os.fdopen(os.dup(fd), "rb") as f:
             text = f.read()
     except OSError as e:
@@ -501,15 +536,18 @@ def load_target(name: str, path: str | None) -> Settings:
         os.close(fd)
     stanzas = parse_config(path, text)
     if mode & (stat.S_IRGRP | stat.S_IROTH) and any("secret" in x.values for x in stanzas.values()):
-        raise fail.Fatal(f"refusing {path}: it holds a secret inline and its group or others "
-                         f"may read it (mode {mode:04o}); chmod 600 it", EXIT_CONFIG)
+        raise fail.Fatal(
+            f"refusing {path}: it holds a secret inline and its group or others "
+            f"may read it (mode {mode:04o}); chmod 600 it",
+            EXIT_CONFIG,
+        )
     if name not in stanzas:
         raise usage(f"no target {name!r}: {path} has no [{name}] stanza")
     return stanzas[name]
 
 
 def parse_config(path: str, text: bytes) -> dict[str, Settings]:
-    """Parse a file of targets into {name: settings}, checking every value; errors name path:line."""
+    """Parse a file of targets into {name: settings}, checking every value (errors: path:line)."""
     stanzas: dict[str, Settings] = {}
     current: Settings | None = None
     number = 0
@@ -527,8 +565,10 @@ def parse_config(path: str, text: bytes) -> dict[str, Settings]:
         if line.startswith("["):
             name = line[1:-1] if line.endswith("]") else ""
             if not name or not set(name) <= NAME_CHARS or name.isdigit():
-                raise bad(f"bad stanza line {line!r}: give [name], a name of letters, digits, "
-                          ". _ @ - (not digits alone)")
+                raise bad(
+                    f"bad stanza line {line!r}: give [name], a name of letters, digits, "
+                    ". _ @ - (not digits alone)"
+                )
             if name in stanzas:
                 raise bad(f"a second [{name}] stanza")
             current = stanzas[name] = Settings(path)
@@ -587,8 +627,9 @@ def from_fd(fd: int) -> bytearray:
     try:
         secret = read_line(fd)
     except OSError as e:
-        raise fail.Fatal(f"unable to read the passphrase from descriptor {fd}: {e.strerror}",
-                         EXIT_SECRET) from None
+        raise fail.Fatal(
+            f"unable to read the passphrase from descriptor {fd}: {e.strerror}", EXIT_SECRET
+        ) from None
     strip_trailing(secret)
     return secret
 
@@ -602,8 +643,11 @@ def from_file(path: str) -> bytearray:
     try:
         mode = os.fstat(fd).st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
-            raise fail.Fatal(f"refusing {path}: it is readable by its group or by others "
-                             f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it", EXIT_SECRET)
+            raise fail.Fatal(
+                f"refusing {path}: it is readable by its group or by others "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it",
+                EXIT_SECRET,
+            )
         secret = read_line(fd)
     except OSError as e:
         raise fail.Fatal(f"unable to read {path}: {e.strerror}", EXIT_SECRET) from None
@@ -621,11 +665,13 @@ def from_command(command: str) -> bytearray:
     import subprocess
 
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
     except OSError as e:
-        raise fail.Fatal(f"unable to run the secret command {command!r}: {e.strerror}",
-                         EXIT_COMMAND) from None
+        raise fail.Fatal(
+            f"unable to run the secret command {command!r}: {e.strerror}", EXIT_COMMAND
+        ) from None
     line, chunk = bytearray(), bytearray(4096)
     printed = complete = False
     assert proc.stdout is not None
@@ -635,13 +681,18 @@ def from_command(command: str) -> bytearray:
             if not complete:
                 end = chunk.find(b"\n", 0, n)
                 complete = end >= 0
-                line.extend(memoryview(chunk)[:end if complete else n])
+                line.extend(memoryview(chunk)[: end if complete else n])
         chunk[:] = bytes(len(chunk))
     status = proc.wait()
     if status or not printed:
         line[:] = bytes(len(line))
-        why = (f"was killed by signal {-status}" if status < 0 else
-               f"exited with status {status}" if status else "printed nothing")
+        why = (
+            f"was killed by signal {-status}"
+            if status < 0
+            else f"exited with status {status}"
+            if status
+            else "printed nothing"
+        )
         raise fail.Fatal(f"the secret command {command!r} {why}", EXIT_COMMAND)
     strip_trailing(line)
     return line
@@ -654,8 +705,11 @@ def from_terminal() -> bytearray:
     try:
         fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
     except OSError as e:
-        raise fail.Fatal(f"no terminal to ask for the passphrase ({e.strerror}): use -f fd, "
-                         "--secret-file path or --secret-command cmd", EXIT_SECRET) from None
+        raise fail.Fatal(
+            f"no terminal to ask for the passphrase ({e.strerror}): use -f fd, "
+            "--secret-file path or --secret-command cmd",
+            EXIT_SECRET,
+        ) from None
     try:
         saved = termios.tcgetattr(fd)
         quiet = termios.tcgetattr(fd)
@@ -668,8 +722,9 @@ def from_terminal() -> bytearray:
             termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
             os.write(fd, b"\n")
     except (OSError, termios.error) as e:
-        raise fail.Fatal(f"unable to read the passphrase from the terminal: {e.args[-1]}",
-                         EXIT_SECRET) from None
+        raise fail.Fatal(
+            f"unable to read the passphrase from the terminal: {e.args[-1]}", EXIT_SECRET
+        ) from None
     finally:
         os.close(fd)
 
@@ -701,12 +756,13 @@ def resolve(host: str, port: int, numeric: bool) -> list[tuple]:
         return socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
     except socket.gaierror as e:
         if numeric:
-            raise fail.Fatal(f"[{host}] is not an IP address: brackets hold a numeric address, "
-                             "as in [::1]:7050", EXIT_RESOLVE) from None
+            raise fail.Fatal(
+                f"[{host}] is not an IP address: brackets hold a numeric address, as in [::1]:7050",
+                EXIT_RESOLVE,
+            ) from None
         raise fail.Fatal(f"unable to resolve {host}: {e.strerror}", EXIT_RESOLVE) from None
     except UnicodeError:
-        raise fail.Fatal(f"unable to resolve {host}: not a valid host name",
-                         EXIT_RESOLVE) from None
+        raise fail.Fatal(f"unable to resolve {host}: not a valid host name", EXIT_RESOLVE) from None
 
 
 def where(ip: str, port: int) -> str:
@@ -731,7 +787,7 @@ def connect(opts: Options, addresses: list[tuple]) -> socket.socket:
         try:
             sock.connect(addr)
             return sock
-        except socket.timeout:
+        except TimeoutError:
             code = EXIT_TIMEOUT
             errors.append((addr[0], f"timed out after {opts.timeout:g} seconds"))
         except ConnectionRefusedError:
@@ -762,15 +818,21 @@ def read_salt(sock: socket.socket, timeout: float, peer: str) -> bytes:
             if n == 0:
                 break
             got += n
-    except socket.timeout:
-        raise fail.Fatal(f"timed out after {timeout:g} seconds waiting for the salt from "
-                         f"{peer}: got {got} of {SALT_LEN} bytes", EXIT_TIMEOUT) from None
+    except TimeoutError:
+        raise fail.Fatal(
+            f"timed out after {timeout:g} seconds waiting for the salt from "
+            f"{peer}: got {got} of {SALT_LEN} bytes",
+            EXIT_TIMEOUT,
+        ) from None
     except OSError as e:
         why = f" ({e.strerror})"
     if got < SALT_LEN:
-        raise fail.Fatal(f"{peer} closed the connection after {got} of {SALT_LEN} salt "
-                         f"bytes{why}: that is what a server does when this address is locked "
-                         "out or denied by its rules, or when it is stopping", EXIT_CLOSED)
+        raise fail.Fatal(
+            f"{peer} closed the connection after {got} of {SALT_LEN} salt "
+            f"bytes{why}: that is what a server does when this address is locked "
+            "out or denied by its rules, or when it is stopping",
+            EXIT_CLOSED,
+        )
     return bytes(salt)
 
 
@@ -790,12 +852,14 @@ def knock(opts: Options, addresses: list[tuple], secret: bytearray) -> tuple:
         try:
             sock.settimeout(opts.timeout)
             sock.sendall(answer)
-        except socket.timeout:
-            raise fail.Fatal(f"unable to send the response to {peer}: timed out",
-                             EXIT_SEND) from None
+        except TimeoutError:
+            raise fail.Fatal(
+                f"unable to send the response to {peer}: timed out", EXIT_SEND
+            ) from None
         except OSError as e:
-            raise fail.Fatal(f"unable to send the response to {peer}: {e.strerror}",
-                             EXIT_SEND) from None
+            raise fail.Fatal(
+                f"unable to send the response to {peer}: {e.strerror}", EXIT_SEND
+            ) from None
     if opts.verbose:
         say("info: response sent; Ostiary servers never say whether it was accepted")
     return peer_addr
@@ -830,7 +894,7 @@ def reach(opts: Options, addresses: list[tuple]) -> socket.socket:
                 if opts.verbose:
                     say(f"info: {where(addr[0], addr[1])} is open")
                 return sock
-            except socket.timeout:
+            except TimeoutError:
                 timed_out, last = True, "timed out"
             except OSError as e:
                 last = e.strerror or str(e)
@@ -839,10 +903,12 @@ def reach(opts: Options, addresses: list[tuple]) -> socket.socket:
             limit = min(limit * 2, opts.timeout)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise fail.Fatal(f"knocked, but {name} did not open within {opts.wait:g} seconds "
-                             f"(last try: {last}); a wrong passphrase, a slow or failing "
-                             "action and a door that opens elsewhere all look like this",
-                             EXIT_NEVER_OPENED)
+            raise fail.Fatal(
+                f"knocked, but {name} did not open within {opts.wait:g} seconds "
+                f"(last try: {last}); a wrong passphrase, a slow or failing "
+                "action and a door that opens elsewhere all look like this",
+                EXIT_NEVER_OPENED,
+            )
         time.sleep(min(pause, left))
         pause = min(pause * 2, BACKOFF_MAX)
 
@@ -895,23 +961,25 @@ def relay(sock: socket.socket) -> None:
                     pass
             if s in events and up:
                 try:
-                    del up[:sock.send(up)]
+                    del up[: sock.send(up)]
                 except BlockingIOError:
                     pass
         except OSError as e:
             if not (down_eof and e.errno in (errno.EPIPE, errno.ECONNRESET)):
-                raise fail.Fatal(f"the relayed connection failed: {e.strerror}",
-                                 EXIT_RELAY) from None
+                raise fail.Fatal(
+                    f"the relayed connection failed: {e.strerror}", EXIT_RELAY
+                ) from None
             up_eof, up_done = True, True  # the far end has closed both ways: nothing to send to
             up.clear()
         if events.get(1, 0):
             try:
-                del down[:os.write(1, down[:select.PIPE_BUF])]
+                del down[: os.write(1, down[: select.PIPE_BUF])]
             except OSError as e:
                 if e.errno == errno.EPIPE:
                     return
-                raise fail.Fatal(f"unable to write standard output: {e.strerror}",
-                                 EXIT_RELAY) from None
+                raise fail.Fatal(
+                    f"unable to write standard output: {e.strerror}", EXIT_RELAY
+                ) from None
         if up_eof and not up and not up_done:
             up_done = True
             try:

@@ -15,6 +15,7 @@ Extensions to Ostiary 4.0 (all optional):
 ``IPV6_PREFIX=bits``            IPv6 strikes are counted per prefix (default 64)
 ``IPCACHE_SIZE=n``              tracked addresses before EXIT_ON_IPCACHE_FULL trips (128)
 """
+
 import os
 
 # Where the programs look for ostiary.cfg without -c, in this order: the first
@@ -24,8 +25,14 @@ DEFAULT_PATH = SEARCH[0]
 DEFAULT_DB = "/var/lib/ostiary/lockout.cdb"
 
 LOG_LEVELS = {
-    "LOG_EMERG": 0, "LOG_ALERT": 1, "LOG_CRIT": 2, "LOG_ERR": 3,
-    "LOG_WARNING": 4, "LOG_NOTICE": 5, "LOG_INFO": 6, "LOG_DEBUG": 7,
+    "LOG_EMERG": 0,
+    "LOG_ALERT": 1,
+    "LOG_CRIT": 2,
+    "LOG_ERR": 3,
+    "LOG_WARNING": 4,
+    "LOG_NOTICE": 5,
+    "LOG_INFO": 6,
+    "LOG_DEBUG": 7,
 }
 # Keys that only make sense for the C daemon's own listener: accepted, unused.
 LISTENER_KEYS = ("PORT", "LOCAL_IP", "SKIP_DETACH", "IGNORE_URANDOM", "PIDFILE")
@@ -51,8 +58,9 @@ class Action:
 
     __slots__ = ("secret", "command", "uid", "gid", "undo", "undo_delay", "line")
 
-    def __init__(self, secret: bytes, command: str, uid: int | None, gid: int | None,
-                 line: int) -> None:
+    def __init__(
+        self, secret: bytes, command: str, uid: int | None, gid: int | None, line: int
+    ) -> None:
         self.secret = secret
         self.command = command
         self.uid = uid
@@ -177,11 +185,15 @@ def to_id(value: str, where: str, kind: str) -> int:
     try:
         if kind == "uid":
             import pwd
+
             return pwd.getpwnam(value).pw_uid
         import grp
+
         return grp.getgrnam(value).gr_gid
     except KeyError:
-        raise ConfigError(f"{where}: no such {'user' if kind == 'uid' else 'group'}: {value!r}") from None
+        raise ConfigError(
+            f"{where}: no such {'user' if kind == 'uid' else 'group'}: {value!r}"
+        ) from None
 
 
 def parse_action(key: str, value: str, where: str, line: int) -> Action:

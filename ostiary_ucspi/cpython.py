@@ -11,6 +11,7 @@ Names load on first use (``from .cpython import sha256`` imports ``_sha2``
 then, not before), so a locked-out connection loads no hash and no socket
 module. This is the only module that imports a private name of CPython.
 """
+
 import os
 import sys
 

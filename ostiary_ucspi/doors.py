@@ -21,15 +21,16 @@ deletes the record; a failure re-arms it with back-off (:data:`BACKOFF`).
 
 Who closes: the runner that started the ACTION, at CLOSE_AT; if it died,
 the first connection after CLOSE_AT + GRACE (the handler reads ``!doors``
-without a lock, one lookup: :func:`.policy.doors_due`) starts a sweeper; ``ostiary-lockout sweep``, run
+without a lock, one lookup: :func:`.policy.doors_due`) starts a sweeper;
+``ostiary-lockout sweep``, run
 by the service's start-up, closes what is due and waits for the rest.
 """
+
 import os
 import time
 
 from . import log as logmod
 from .policy import DOORS as INDEX
-from .policy import DOORS_GRACE as GRACE
 from .policy import parse_doors as parse_index
 from .store import Store, StoreCorrupt, Transaction, View
 
@@ -47,8 +48,12 @@ class Door:
     def __init__(self, key: bytes, raw: bytes) -> None:
         parts = raw.split(b" ", 7)
         numbers = parts[:3] + parts[4:7]
-        if (len(parts) != 8 or not all(p.isdigit() for p in numbers) or parts[3] not in STATES
-                or not parts[7].startswith(b"/")):
+        if (
+            len(parts) != 8
+            or not all(p.isdigit() for p in numbers)
+            or parts[3] not in STATES
+            or not parts[7].startswith(b"/")
+        ):
             raise StoreCorrupt(f"door record does not parse: {key[:60]!r} {raw[:60]!r}")
         self.key = key
         self.close_at, self.opened, self.attempts = (int(p) for p in parts[:3])
@@ -58,19 +63,26 @@ class Door:
 
     def encode(self) -> bytes:
         """Return the record's stored form."""
-        return b"%d %d %d %s %d %d %d %s" % (self.close_at, self.opened, self.attempts, self.state,
-                                             self.claimant, self.uid, self.gid,
-                                             os.fsencode(self.undo))
+        return b"%d %d %d %s %d %d %d %s" % (
+            self.close_at,
+            self.opened,
+            self.attempts,
+            self.state,
+            self.claimant,
+            self.uid,
+            self.gid,
+            os.fsencode(self.undo),
+        )
 
     @property
     def action(self) -> int:
         """The ACTION's number in the config."""
-        return int(self.key[len(PREFIX):].split(b":", 1)[0])
+        return int(self.key[len(PREFIX) :].split(b":", 1)[0])
 
     @property
     def address(self) -> str:
         """The address the door was opened for."""
-        return self.key[len(PREFIX):].split(b":", 1)[1].decode()
+        return self.key[len(PREFIX) :].split(b":", 1)[1].decode()
 
 
 def door_key(action: int, address: str) -> bytes:
@@ -91,8 +103,9 @@ def doors(tx: "Transaction | View") -> list[Door]:
 
 def reindex(tx: Transaction, keys: list[bytes]) -> None:
     """Rewrite the index for door ``keys``: the earliest close among those still pending."""
-    pending = [d for d in (Door(k, tx.get(k) or b"") for k in dict.fromkeys(keys))
-               if d.state != b"failed"]
+    pending = [
+        d for d in (Door(k, tx.get(k) or b"") for k in dict.fromkeys(keys)) if d.state != b"failed"
+    ]
     everyone = list(dict.fromkeys(keys))
     if not everyone:
         tx.put(INDEX, None)
@@ -101,8 +114,9 @@ def reindex(tx: Transaction, keys: list[bytes]) -> None:
     tx.put(INDEX, b" ".join([b"%d" % earliest, *everyone]))
 
 
-def arm(store: Store, action: int, address: str, undo: str, delay: int, uid: int, gid: int,
-        now: float) -> int:
+def arm(
+    store: Store, action: int, address: str, undo: str, delay: int, uid: int, gid: int, now: float
+) -> int:
     """Open (or re-arm) a door to close ``delay`` seconds from ``now``; return when it closes.
 
     Whole seconds, rounded up: never early. Durable before it returns, so the
@@ -141,7 +155,9 @@ def claimable(door: Door, now: int, expect: int | None) -> bool:
     return door.state == b"closing" and expect is None and not alive(door.claimant)
 
 
-def claim(store: Store, key: bytes, now: int, expect: int | None, force: bool = False) -> Door | None:
+def claim(
+    store: Store, key: bytes, now: int, expect: int | None, force: bool = False
+) -> Door | None:
     """Claim ``key``'s door for this process; None when it is not ours to close.
 
     ``force`` (the operator's ``close``): an open or failed door, due or not.
@@ -214,11 +230,17 @@ def close(store: Store, door: Door, log: logmod.Log) -> str:
     if ok:
         log(logmod.NOTICE, f"{what} finished: {outcome}")
     elif result == "retry":
-        log(logmod.ERR, f"{what} failed ({outcome}), attempt {door.attempts} of {MAX_ATTEMPTS}: "
-            f"retried in {door.close_at - int(time.time())}s")
+        log(
+            logmod.ERR,
+            f"{what} failed ({outcome}), attempt {door.attempts} of {MAX_ATTEMPTS}: "
+            f"retried in {door.close_at - int(time.time())}s",
+        )
     elif result == "failed":
-        log(logmod.ERR, f"{what} failed ({outcome}) {door.attempts} times: the door stays open, "
-            "marked failed (ostiary-lockout doors)")
+        log(
+            logmod.ERR,
+            f"{what} failed ({outcome}) {door.attempts} times: the door stays open, "
+            "marked failed (ostiary-lockout doors)",
+        )
     else:
         log(logmod.ERR, f"{what} failed ({outcome}); the door was re-armed meanwhile")
     return result

@@ -4,12 +4,13 @@ A program's body raises :class:`Usage` or :class:`Fatal` (or :class:`Help`,
 for ``--help``); :func:`run` prints the one line and returns the status. A
 leaf: it imports nothing of the package but its version, on demand.
 """
+
 import os
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an re and enum import at start-up
-    from typing import Callable
+    from collections.abc import Callable
 
 USAGE = 100
 FATAL = 111
@@ -65,7 +66,7 @@ def say(prog: str, kind: str, text: str) -> None:
 
 
 def report(prog: str, usage: str, stop: BaseException) -> int:
-    """Say what ``stop`` (Help, Version, a Failure, BrokenPipeError) means; return the exit status."""
+    """Say what ``stop`` (Help, Version, a Failure, BrokenPipeError) means; return the status."""
     if isinstance(stop, Help):
         sys.stdout.write(f"{prog}: usage: {usage}\n")
         return 0

@@ -7,6 +7,7 @@ tcpserver, tcpsvd, s6-tcpserver or inetd once per connection;
 The client gets the 32-byte salt and nothing else, ever. Exit status: see
 :data:`EXITS`.
 """
+
 import os
 import sys
 import time
@@ -23,13 +24,18 @@ EXITS = {
     0: "the connection was handled, whatever the client proved; --check found the config usable",
     100: "usage: a bad command line",
     111: "a configuration, address or lockout-store problem, or an internal error "
-         "(the client got nothing); --check found a problem",
+    "(the client got nothing); --check found a problem",
 }
 LIMIT = 32  # never read more than a response's length
 # What the handler imports only when it needs it: ostiary-tcpserver -F imports
 # these once, before it forks the children that run main().
-PRELOAD = ("select", "ostiary_ucspi.protocol", "ostiary_ucspi.actions", "ostiary_ucspi.doors",
-           "ostiary_ucspi.supervise")
+PRELOAD = (
+    "select",
+    "ostiary_ucspi.protocol",
+    "ostiary_ucspi.actions",
+    "ostiary_ucspi.doors",
+    "ostiary_ucspi.supervise",
+)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, str]:
@@ -135,8 +141,9 @@ def exchange(salt: bytes, timeout: int) -> tuple[bytes | None, str]:
     return got, ""
 
 
-def start(cfg: Config, action: Action, what: str, ip: str, log: logmod.Log, store: Store,
-          number: int = 0) -> None:
+def start(
+    cfg: Config, action: Action, what: str, ip: str, log: logmod.Log, store: Store, number: int = 0
+) -> None:
     """Start ``action`` for ``ip`` in a detached runner; with an UNDO, open its door first.
 
     ``number``: the ACTION's number in the config (its door's name). The door
@@ -154,12 +161,16 @@ def start(cfg: Config, action: Action, what: str, ip: str, log: logmod.Log, stor
     doors.doors(store.last_view)  # a damaged door record: no action runs (StoreCorrupt)
     then = None
     if action.undo:
-        close_at = doors.arm(store, number, ip, action.undo, action.undo_delay, uid, gid,
-                             time.time())
+        close_at = doors.arm(
+            store, number, ip, action.undo, action.undo_delay, uid, gid, time.time()
+        )
         key = doors.door_key(number, ip)
         then = lambda: doors.keep_closing(store, key, close_at, log)  # noqa: E731
-    log(logmod.NOTICE, f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"
-        + (f", undo in {action.undo_delay}s" if action.undo else ""))
+    log(
+        logmod.NOTICE,
+        f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"
+        + (f", undo in {action.undo_delay}s" if action.undo else ""),
+    )
     spawn(what, action.command, ip, uid, gid, log, then)
 
 
@@ -203,8 +214,10 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         close_due_doors(store, store.last_view, log, now)
     except StoreCorrupt as e:
         hangup(inetd)
-        log(logmod.ALERT,
-            f"{ip} refused: lockout store is corrupt, refusing everyone until it is repaired: {e}")
+        log(
+            logmod.ALERT,
+            f"{ip} refused: lockout store is corrupt, refusing everyone until it is repaired: {e}",
+        )
         return 111
     except StoreError as e:
         hangup(inetd)
@@ -217,8 +230,9 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
     return status
 
 
-def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd: bool,
-          now: int) -> int:
+def knock(
+    cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd: bool, now: int
+) -> int:
     """Refuse, or charge, send the salt, judge the response and act on it.
 
     Store errors propagate: whatever has not happened yet (an action
@@ -280,8 +294,9 @@ def knock(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd
     return 0
 
 
-def finish_failure(cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log,
-                   problem: str) -> None:
+def finish_failure(
+    cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, problem: str
+) -> None:
     """Make a failed attempt final: lock, LOCKOUT_ACTION, error thresholds."""
     locked, stop_reason = fail(store, key, cfg, int(time.time()))
     log(logmod.NOTICE, f"{ip} failed: {problem}")
@@ -328,6 +343,7 @@ def main(argv: list[str] | None = None, inetd: bool | None = None) -> int:
     def timed_out(signum: int, frame: object) -> None:
         log(logmod.FATAL, f"still running after {limit}s: exiting")
         os._exit(111)
+
     signal(SIGALRM, timed_out)
     alarm(limit)  # a backstop: nothing may hang the handler
     try:

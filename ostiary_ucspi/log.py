@@ -5,6 +5,7 @@ inetd descriptor 2 is the client's connection, so the handler notices a
 socket there (:func:`stderr_is_socket`) and sends everything to syslog
 (LOG_AUTH) instead.
 """
+
 import os
 import stat
 
@@ -34,6 +35,7 @@ class Log:
         self.syslog = None
         if use_syslog:
             import syslog
+
             syslog.openlog(prog, syslog.LOG_PID, syslog.LOG_AUTH)
             self.syslog = syslog
 

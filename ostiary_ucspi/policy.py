@@ -10,6 +10,7 @@ KILL or an error threshold stopped the service, ``!doors`` indexes the
 pending UNDOs (:mod:`.doors`). Keys come from
 :mod:`.address` (IPv6 is counted per prefix).
 """
+
 from .store import Store, StoreCorrupt, Transaction, View
 
 TYPE_CHECKING = False
@@ -58,8 +59,9 @@ class Entry:
         return bool(self.locked_since) or self.strikes >= max_bad
 
 
-def refusal(view: View | Transaction | None, key: bytes, max_bad: int, expire: int = 0,
-            now: int = 0) -> str | None:
+def refusal(
+    view: View | Transaction | None, key: bytes, max_bad: int, expire: int = 0, now: int = 0
+) -> str | None:
     """Return why ``key`` must be closed at once (stopped, locked), or None.
 
     A read, never a write: the hot path of a locked client. ``expire`` and
@@ -196,8 +198,11 @@ def stale_charge(view: View | None, key: bytes, cfg: "Config", now: int) -> bool
     if view is None:
         return False
     entry = Entry(view.get(key))
-    return (not entry.locked_since and entry.strikes >= cfg.max_bad_conns
-            and now - entry.last_seen > cfg.comm_timeout + GRACE)
+    return (
+        not entry.locked_since
+        and entry.strikes >= cfg.max_bad_conns
+        and now - entry.last_seen > cfg.comm_timeout + GRACE
+    )
 
 
 def keeper(cfg: "Config", now: int) -> "Keep":
@@ -207,6 +212,7 @@ def keeper(cfg: "Config", now: int) -> "Keep":
     was last seen; a lock expires LOCKOUT_EXPIRE seconds after it began (0:
     never); ``!`` records (the stopped state, the error total) stay.
     """
+
     def keep(key: bytes, value: bytes) -> bool:
         if key.startswith(b"!"):
             return True
@@ -214,6 +220,7 @@ def keeper(cfg: "Config", now: int) -> "Keep":
         if entry.locked_since:
             return not entry.lock_ran_out(cfg.lockout_expire, now)
         return bool(now - entry.last_seen <= cfg.strike_expire)
+
     return keep
 
 

@@ -10,6 +10,7 @@ handed a hash constructor, and compares with the constant-time routine that is
 ``hmac.compare_digest``. tests/test_protocol.py holds both to the RFC 4231
 vectors, to ``hmac.new`` and to ``hmac.compare_digest``.
 """
+
 import os
 
 from .cpython import compare_digest, sha256

@@ -38,20 +38,21 @@ name and ``O_EXCL``. A state directory that others than its owner may
 write, or (with ``editor``) one that is not the config editor's own, root
 refuses.
 """
+
 import errno
 import os
 import stat
 import zlib
 from fcntl import LOCK_EX, flock
 from mmap import ACCESS_READ, mmap
-from struct import unpack_from
 
 from .cdb import HEADER_LEN, CdbError, Reader
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
-    from typing import BinaryIO, Callable
+    from typing import BinaryIO
 
     Keep = Callable[[bytes, bytes], bool]
 
@@ -99,20 +100,20 @@ class Journal:
 
     def __init__(self, data: bytes, name: str) -> None:
         head_end = data.find(b"\n")
-        if not data.startswith(MAGIC) or head_end < 0 or not data[len(MAGIC):head_end].isdigit():
+        if not data.startswith(MAGIC) or head_end < 0 or not data[len(MAGIC) : head_end].isdigit():
             raise StoreCorrupt(f"{name}: bad journal header")
         end = data.rfind(b"\n") + 1
-        while end > head_end + 1 and data[end - 2:end - 1] == MORE:
+        while end > head_end + 1 and data[end - 2 : end - 1] == MORE:
             end = data.rfind(b"\n", 0, end - 1) + 1
         if end > head_end + 1:  # the last line's checksum covers everything before it
-            crc = zlib.crc32(memoryview(data)[:end - 9])
-            if data[end - 10:end - 9] != b" " or data[end - 9:end - 1] != b"%08x" % crc:
+            crc = zlib.crc32(memoryview(data)[: end - 9])
+            if data[end - 10 : end - 9] != b" " or data[end - 9 : end - 1] != b"%08x" % crc:
                 raise StoreCorrupt(f"{name}: checksum mismatch: the journal was damaged")
-            crc = zlib.crc32(data[end - 9:end], crc)
+            crc = zlib.crc32(data[end - 9 : end], crc)
         else:
             crc = zlib.crc32(data[:end])
         self.name = name
-        self.gen = int(data[len(MAGIC):head_end])
+        self.gen = int(data[len(MAGIC) : head_end])
         self.data = data
         self.head_end = head_end
         self.end = end
@@ -124,16 +125,18 @@ class Journal:
         start = self.data.rfind(b"\n" + key + b" ", self.head_end, self.end)
         if start < 0:
             return None
-        line = self.data[start + 1:self.data.index(b"\n", start + 1)].rstrip(MORE)
-        return line[len(key) + 1:-9]
+        line = self.data[start + 1 : self.data.index(b"\n", start + 1)].rstrip(MORE)
+        return line[len(key) + 1 : -9]
 
     def records(self) -> list[tuple[bytes, bytes]]:
         """Return every (key, value), oldest first."""
         out = []
-        for line in self.data[self.head_end + 1:self.end].split(b"\n")[:-1]:
+        for line in self.data[self.head_end + 1 : self.end].split(b"\n")[:-1]:
             key, sep, value = line.rstrip(MORE)[:-9].partition(b" ")
             if not sep or not key:
-                raise StoreCorrupt(f"{self.name}: journal record that does not parse: {line[:60]!r}")
+                raise StoreCorrupt(
+                    f"{self.name}: journal record that does not parse: {line[:60]!r}"
+                )
             out.append((key, value))
         return out
 
@@ -141,9 +144,10 @@ class Journal:
 class View:
     """A consistent picture of the store: a snapshot and its journal."""
 
-    def __init__(self, path: str, reader: Reader, gen: int, journal: Journal | None,
-                 marked: bool = False) -> None:
-        """``journal`` is None when no journal of this generation exists; ``marked``: see Store.mark."""
+    def __init__(
+        self, path: str, reader: Reader, gen: int, journal: Journal | None, marked: bool = False
+    ) -> None:
+        """``journal``: None when no journal of this generation exists; ``marked``: Store.mark."""
         self.path = path
         self.reader = reader
         self.gen = gen
@@ -218,18 +222,23 @@ class StateDir:
         except OSError as e:
             self.close()
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise StoreError(f"state directory {d}: the way there is a symbolic link or "
-                                 "not a directory: root follows no link to its state") from None
+                raise StoreError(
+                    f"state directory {d}: the way there is a symbolic link or "
+                    "not a directory: root follows no link to its state"
+                ) from None
             raise StoreError(f"unable to open state directory {d}: {e.strerror}") from None
         why = None
         if st.st_mode & 0o022:
-            why = (f"others than its owner may write it (mode {st.st_mode & 0o7777:o}): "
-                   f"chmod go-w {d}")
+            why = (
+                f"others than its owner may write it (mode {st.st_mode & 0o7777:o}): chmod go-w {d}"
+            )
         elif self.editor < 0:
             why = "the config naming it is writable by a group: chmod g-w it"
         elif self.editor and st.st_uid != self.editor:
-            why = (f"it is uid {st.st_uid}'s, but the config naming it is uid {self.editor}'s, "
-                   f"who may not choose where root writes")
+            why = (
+                f"it is uid {st.st_uid}'s, but the config naming it is uid {self.editor}'s, "
+                f"who may not choose where root writes"
+            )
         if why is not None:
             self.close()
             raise StoreError(f"state directory {d}: root will not work in it: {why}")
@@ -246,8 +255,12 @@ class StateDir:
             os.close(self.fd)
             self.fd = -1
 
-    def __exit__(self, exc_type: "type[BaseException] | None", exc: "BaseException | None",
-                 tb: "TracebackType | None") -> None:
+    def __exit__(
+        self,
+        exc_type: "type[BaseException] | None",
+        exc: "BaseException | None",
+        tb: "TracebackType | None",
+    ) -> None:
         if self.restore is not None:
             os.seteuid(0)
             os.setegid(self.restore[0])
@@ -277,7 +290,7 @@ class Store:
         return StateDir(self.path, self.editor)
 
     def _open(self, dfd: int, name: str) -> "tuple[int, os.stat_result] | None":
-        """Open store file ``name`` for reading; return (descriptor, its stat), None if it does not exist."""
+        """Open store file ``name`` for reading: (descriptor, stat), None if it does not exist."""
         path = os.path.join(os.path.dirname(self.path), name)
         try:
             fd = os.open(name, os.O_RDONLY | FLAGS, dir_fd=dfd)
@@ -360,15 +373,18 @@ class Store:
             journal = Journal(jdata, self.journal)
             jgen = journal.gen
             if jgen in (gen, gen - 1):  # one behind: folded into this snapshot already
-                self.last_view = View(self.path, reader, gen, journal if jgen == gen else None,
-                                      marked)
+                self.last_view = View(
+                    self.path, reader, gen, journal if jgen == gen else None, marked
+                )
                 return self.last_view
             try:
                 again = os.stat(self.name, dir_fd=dfd, follow_symlinks=False)
             except OSError:
                 continue
             if (again.st_dev, again.st_ino) == identity:
-                raise StoreCorrupt(f"{self.journal}: generation {jgen} does not match snapshot {gen}")
+                raise StoreCorrupt(
+                    f"{self.journal}: generation {jgen} does not match snapshot {gen}"
+                )
             # Compactions finished between our two reads: read again.
         raise StoreError(f"{self.path}: changing too fast to read")
 
@@ -384,20 +400,26 @@ class Store:
         with self.state_dir() as dfd:
             dst = os.fstat(dfd)
             if dst.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-                raise StoreError(f"state directory {d}: mode {dst.st_mode & 0o7777:o} keeps its "
-                                 f"owner from creating files in it: chmod u+rwx {d}")
+                raise StoreError(
+                    f"state directory {d}: mode {dst.st_mode & 0o7777:o} keeps its "
+                    f"owner from creating files in it: chmod u+rwx {d}"
+                )
             for path in (self.path, self.journal, self.path + ".lock"):
                 try:
                     st = os.stat(os.path.basename(path), dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 if st.st_uid != dst.st_uid:
-                    raise StoreError(f"{path}: its owner (uid {st.st_uid}) is not the state "
-                                     f"directory's (uid {dst.st_uid}), so the handler cannot use it: "
-                                     f"chown {dst.st_uid} {path}")
+                    raise StoreError(
+                        f"{path}: its owner (uid {st.st_uid}) is not the state "
+                        f"directory's (uid {dst.st_uid}), so the handler cannot use it: "
+                        f"chown {dst.st_uid} {path}"
+                    )
                 if st.st_mode & (stat.S_IRUSR | stat.S_IWUSR) != stat.S_IRUSR | stat.S_IWUSR:
-                    raise StoreError(f"{path}: Permission denied to its owner, the handler "
-                                     f"(mode {st.st_mode & 0o7777:o}): chmod u+rw {path}")
+                    raise StoreError(
+                        f"{path}: Permission denied to its owner, the handler "
+                        f"(mode {st.st_mode & 0o7777:o}): chmod u+rw {path}"
+                    )
 
     def lock(self, durable: bool = True) -> "Transaction":
         """Take the writers' lock and return a transaction (a context manager).
@@ -416,8 +438,11 @@ class Store:
         path = self.path + MARK
         try:
             with self.state_dir() as dfd:
-                os.close(os.open(os.path.basename(path), os.O_WRONLY | os.O_CREAT | FLAGS, 0o600,
-                                 dir_fd=dfd))
+                os.close(
+                    os.open(
+                        os.path.basename(path), os.O_WRONLY | os.O_CREAT | FLAGS, 0o600, dir_fd=dfd
+                    )
+                )
                 os.fsync(dfd)
         except OSError as e:
             raise StoreError(f"unable to create {path}: {e.strerror}") from None
@@ -480,8 +505,9 @@ class Lock:
             try:
                 self.fd = os.open(name, os.O_RDWR | FLAGS, dir_fd=self.dfd)
             except FileNotFoundError:  # the first writer creates it
-                self.fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600,
-                                  dir_fd=self.dfd)
+                self.fd = os.open(
+                    name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600, dir_fd=self.dfd
+                )
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise StoreCorrupt(f"{self.path}: a symbolic link, not a store file") from None
@@ -498,8 +524,12 @@ class Lock:
             raise
         return self
 
-    def __exit__(self, exc_type: "type[BaseException] | None", exc: "BaseException | None",
-                 tb: "TracebackType | None") -> None:
+    def __exit__(
+        self,
+        exc_type: "type[BaseException] | None",
+        exc: "BaseException | None",
+        tb: "TracebackType | None",
+    ) -> None:
         os.close(self.fd)
 
 
@@ -616,8 +646,13 @@ class Transaction:
 
     def put(self, key: bytes, value: bytes | None) -> None:
         """Set ``key`` (None deletes it) when the transaction commits."""
-        if (not key or b" " in key or b"\n" in key or key == GEN_KEY
-                or (value is not None and (b"\n" in value or value == DELETED))):
+        if (
+            not key
+            or b" " in key
+            or b"\n" in key
+            or key == GEN_KEY
+            or (value is not None and (b"\n" in value or value == DELETED))
+        ):
             raise ValueError("store keys are one word; values are one line, not '-'")
         self.pending[key] = DELETED if value is None else value
 
@@ -631,8 +666,12 @@ class Transaction:
                 items[key] = value
         return items
 
-    def __exit__(self, exc_type: "type[BaseException] | None", exc: "BaseException | None",
-                 tb: "TracebackType | None") -> None:
+    def __exit__(
+        self,
+        exc_type: "type[BaseException] | None",
+        exc: "BaseException | None",
+        tb: "TracebackType | None",
+    ) -> None:
         try:
             if exc_type is None and self.pending:
                 self._append()
@@ -646,8 +685,9 @@ class Transaction:
         if journal is not None and not journal.torn:
             lines = journal_lines(self.pending, journal.crc)
             try:
-                fd = os.open(os.path.basename(jpath), os.O_WRONLY | os.O_APPEND | FLAGS,
-                             dir_fd=self.dfd)
+                fd = os.open(
+                    os.path.basename(jpath), os.O_WRONLY | os.O_APPEND | FLAGS, dir_fd=self.dfd
+                )
                 try:
                     if os.write(fd, lines) != len(lines):
                         raise StoreError(f"short write to {jpath}")
@@ -659,7 +699,7 @@ class Transaction:
                 raise StoreError(f"unable to append to {jpath}: {e.strerror}") from None
             size = journal.end + len(lines)  # we hold the lock: nobody else appended
         else:  # a crash left no journal of this generation, or an unfinished tail
-            head = MAGIC + b"%d\n" % view.gen if journal is None else journal.data[:journal.end]
+            head = MAGIC + b"%d\n" % view.gen if journal is None else journal.data[: journal.end]
             size = self._write_journal(head + journal_lines(self.pending, zlib.crc32(head)))
         self.store.due = size > journal_threshold(len(view.reader.data))
         self.pending.clear()

@@ -6,6 +6,7 @@ service directory; without it (inetd, xinetd, systemd) the stopped state in
 the lockout store alone refuses everyone, and the superserver (or
 ``ostiary.socket``) keeps accepting: ``revive`` alone serves again.
 """
+
 import errno
 import os
 
@@ -53,8 +54,11 @@ def take_down(log: logmod.Log) -> None:
 # Where the operator's revive looks for what runs the handler (ROOT: for tests).
 ROOT = "/"
 SCAN_DIRS = ("etc/service", "service", "var/service", "etc/sv")
-SOCKET_UNITS = ("etc/systemd/system/ostiary.socket", "lib/systemd/system/ostiary.socket",
-                "usr/lib/systemd/system/ostiary.socket")
+SOCKET_UNITS = (
+    "etc/systemd/system/ostiary.socket",
+    "lib/systemd/system/ostiary.socket",
+    "usr/lib/systemd/system/ostiary.socket",
+)
 XINETD = "etc/xinetd.d/ostiary"
 INETD = "etc/inetd.conf"
 
@@ -102,16 +106,22 @@ def bring_up_advice(config: str) -> str:
     """Return what the operator does, after a revive, to serve ``config`` again."""
     service = service_dir()
     services = [service] if service else service_dirs(config)
-    lines = [f"{s} was also taken down; bring it up: rm {s}/down; svc -u {s} "
-             f"(runit: sv up {s})" for s in services]
+    lines = [
+        f"{s} was also taken down; bring it up: rm {s}/down; svc -u {s} (runit: sv up {s})"
+        for s in services
+    ]
     for name in superservers():
         if name == "systemd":
-            lines.append("systemd: ostiary.socket kept accepting; serving again now "
-                         "(if you stopped it: systemctl start ostiary.socket)")
+            lines.append(
+                "systemd: ostiary.socket kept accepting; serving again now "
+                "(if you stopped it: systemctl start ostiary.socket)"
+            )
         else:
             lines.append(f"{name}: it kept accepting; serving again now")
     if not lines:
-        lines.append("under daemontools or runit the service was also taken down; bring it up: "
-                     "rm SERVICEDIR/down; svc -u SERVICEDIR (runit: sv up SERVICEDIR); "
-                     "under inetd, xinetd or systemd: serving again now")
+        lines.append(
+            "under daemontools or runit the service was also taken down; bring it up: "
+            "rm SERVICEDIR/down; svc -u SERVICEDIR (runit: sv up SERVICEDIR); "
+            "under inetd, xinetd or systemd: serving again now"
+        )
     return "\n".join(lines)

@@ -23,6 +23,7 @@ Exit status: see :data:`EXITS`. Only root can give files to another account:
 without root that is refused before anything is created. A later failure can
 leave DIR half made: remove it and run again.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,20 +84,29 @@ LOCKOUT_DB="{dir}/state/lockout.cdb"
 """
 
 
-def service_files(account: str, logaccount: str, config: str, ip: str, port: str,
-                  rules: str, path: str | None) -> dict[str, str]:
+def service_files(
+    account: str, logaccount: str, config: str, ip: str, port: str, rules: str, path: str | None
+) -> dict[str, str]:
     """Return {relative path: text} of a service directory's run scripts and env files.
 
     The shipped service/ostiary with this directory's values: each env file's
     first line, log/run's account. ``path`` None leaves env/PATH out (run
     inherits svscan's PATH).
     """
-    values = {"IP": ip, "PORT": port, "CONFIG": config, "CONCURRENCY": DEFAULT_CONCURRENCY,
-              "RULES": rules, "ACCOUNT": account}
+    values = {
+        "IP": ip,
+        "PORT": port,
+        "CONFIG": config,
+        "CONCURRENCY": DEFAULT_CONCURRENCY,
+        "RULES": rules,
+        "ACCOUNT": account,
+    }
     log_run = skel("service", "ostiary/log/run")
     shipped = f"account={SHIPPED_LOGACCOUNT}\n"
-    files = {"run": skel("service", "ostiary/run"),
-             "log/run": log_run.replace(shipped, f"account={logaccount}\n", 1)}
+    files = {
+        "run": skel("service", "ostiary/run"),
+        "log/run": log_run.replace(shipped, f"account={logaccount}\n", 1),
+    }
     for name in ENV_NAMES:
         comment = skel("service", f"ostiary/env/{name}").partition("\n")[2]
         files[f"env/{name}"] = f"{values[name]}\n{comment}"
@@ -107,8 +117,15 @@ def service_files(account: str, logaccount: str, config: str, ip: str, port: str
 
 def default_path() -> str:
     """Return the PATH for env/PATH: this installation's scripts first."""
-    dirs = [sysconfig.get_path("scripts"), "/usr/local/bin", "/usr/local/sbin",
-            "/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+    dirs = [
+        sysconfig.get_path("scripts"),
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/bin",
+        "/sbin",
+    ]
     return ":".join(dict.fromkeys(dirs))
 
 
@@ -173,8 +190,11 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
     me = os.geteuid()
     others = [u.pw_name for u in (user, loguser) if u.pw_uid != me]
     if me != 0 and others:
-        raise Fatal(111, f"must be run as root to give files to {', '.join(dict.fromkeys(others))}: "
-                         "nothing created")
+        raise Fatal(
+            111,
+            f"must be run as root to give files to {', '.join(dict.fromkeys(others))}: "
+            "nothing created",
+        )
     root = user.pw_uid == 0
     if os.path.lexists(target):
         raise Fatal(f"{target} exists: refusing to touch it")
@@ -184,8 +204,9 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
         make_dir(f"{target}/log", 0o755)
         make_dir(f"{target}/env", 0o755)
         rules = f"{target}/tcprules/ostiary.cdb"
-        for name, text in service_files(acct, logacct, config, ip, port, rules,
-                                        default_path()).items():
+        for name, text in service_files(
+            acct, logacct, config, ip, port, rules, default_path()
+        ).items():
             write(f"{target}/{name}", text, 0o755 if name.endswith("run") else 0o644)
         make_dir(f"{target}/log/main", 0o755, loguser.pw_uid, loguser.pw_gid)
         make_dir(f"{target}/state", 0o700, user.pw_uid, user.pw_gid)
@@ -200,9 +221,13 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
             os.chown(f"{target}/supervise/control", user.pw_uid, user.pw_gid)
         if os.path.lexists(config):
             return False
-        skeleton = SKELETON.format(config=config, dir=target, account=acct,
-                                   kill=secrets.token_urlsafe(24),
-                                   action=secrets.token_urlsafe(24))
+        skeleton = SKELETON.format(
+            config=config,
+            dir=target,
+            account=acct,
+            kill=secrets.token_urlsafe(24),
+            action=secrets.token_urlsafe(24),
+        )
         write(config, skeleton, 0o600)
         os.chown(config, user.pw_uid, user.pw_gid)
         return True
@@ -215,8 +240,10 @@ def body(argv: list[str]) -> None:
     """Make the service directory argv asks for."""
     acct, logacct, target, config, ip, port = parse_args(argv[1:])
     if create(acct, logacct, target, config, ip, port):
-        print(f"{PROG}: wrote {config} with random passphrases: edit it, then "
-              f"ostiary-handle --check -c {config}")
+        print(
+            f"{PROG}: wrote {config} with random passphrases: edit it, then "
+            f"ostiary-handle --check -c {config}"
+        )
     else:
         print(f"{PROG}: {config} exists: left as it is")
 

@@ -8,25 +8,25 @@ lost and no handler waits on a reader.
 
 Exit status: see :data:`EXITS`.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import sys
 import time
 
-from ..config import SEARCH, Config, ConfigError, find, load
-from ..fail import Fatal, Usage, standard
-from ..fail import run as fail_run
 from .. import doors
 from .. import log as logmod
 from ..address import key as address_key
 from ..address import parse as parse_canonical
+from ..config import SEARCH, Config, ConfigError, find, load
 from ..doors import door_key
+from ..fail import Fatal, Usage, standard
+from ..fail import run as fail_run
 from ..policy import ERRORS, MARKED, STOPPED, Entry, keeper, lock, revive, unlock
-from ..supervise import bring_up_advice
 from ..store import Store, StoreCorrupt, StoreError
+from ..supervise import bring_up_advice
 
 PROG = "ostiary-lockout"
 # The command table: it drives --help, the argument checks and doc/ostiary-lockout.rst.
@@ -49,8 +49,11 @@ TABLE = {name: (operand, flag.strip("[]")) for name, operand, flag, _ in COMMAND
 USAGE = "\n".join(
     [f"{PROG} [-c FILE] COMMAND"]
     + [f"  {' '.join(w for w in (n, f, o) if w):<15} {d}" for n, o, f, d in COMMANDS]
-    + [f"FILE defaults to the first of {', '.join(SEARCH)} that exists. "
-       "Exit 0 done, 100 usage, 111 failure."])
+    + [
+        f"FILE defaults to the first of {', '.join(SEARCH)} that exists. "
+        "Exit 0 done, 100 usage, 111 failure."
+    ]
+)
 EXITS = {
     0: "done",
     100: "usage: a bad command line or a bad address",
@@ -152,26 +155,37 @@ def sort_key(key: bytes) -> tuple[int, int, int]:
 
 def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
     state = State(store)
-    rows = sorted(state.entries.items(),
-                  key=lambda kv: (not kv[1].locked_since, -kv[1].locked_since, -kv[1].last_seen))
+    rows = sorted(
+        state.entries.items(),
+        key=lambda kv: (not kv[1].locked_since, -kv[1].locked_since, -kv[1].last_seen),
+    )
     locked = sum(is_locked(e, cfg, state.now) for e in state.entries.values())
     if as_json:
         doc = {
             "store": cfg.lockout_db,
-            "stopped": None if state.stopped is None
+            "stopped": None
+            if state.stopped is None
             else {"since": state.stopped[0], "reason": state.stopped[1]},
             "total_errors": state.errors,
             "max_bad_conns": cfg.max_bad_conns,
-            "addresses": [{
-                "address": key.decode(), "strikes": e.strikes, "errors": e.errors,
-                "locked": is_locked(e, cfg, state.now),
-                "locked_since": e.locked_since or None, "last_seen": e.last_seen or None,
-            } for key, e in rows],
+            "addresses": [
+                {
+                    "address": key.decode(),
+                    "strikes": e.strikes,
+                    "errors": e.errors,
+                    "locked": is_locked(e, cfg, state.now),
+                    "locked_since": e.locked_since or None,
+                    "last_seen": e.last_seen or None,
+                }
+                for key, e in rows
+            ],
         }
         print(json.dumps(doc))
         return
-    print(f"{cfg.lockout_db}: {len(rows)} tracked, {locked} locked out, "
-          f"{state.errors} errors in all (MAX_BAD_CONNS={cfg.max_bad_conns})")
+    print(
+        f"{cfg.lockout_db}: {len(rows)} tracked, {locked} locked out, "
+        f"{state.errors} errors in all (MAX_BAD_CONNS={cfg.max_bad_conns})"
+    )
     if state.stopped is not None:
         print(f"SERVICE STOPPED since {when(state.stopped[0])}: {state.stopped[1]}")
     if not rows:
@@ -179,8 +193,10 @@ def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
     width = max(15, *(len(key) for key, _ in rows))
     print(f"{'ADDRESS':<{width}}  STRIKES  ERRORS  {'LOCKED SINCE':<19}  LAST SEEN")
     for key, e in rows:
-        print(f"{key.decode():<{width}}  {e.strikes:>7}  {e.errors:>6}  "
-              f"{when(e.locked_since):<19}  {when(e.last_seen)}")
+        print(
+            f"{key.decode():<{width}}  {e.strikes:>7}  {e.errors:>6}  "
+            f"{when(e.locked_since):<19}  {when(e.last_seen)}"
+        )
 
 
 def cmd_show(store: Store, cfg: Config, key: bytes) -> None:
@@ -211,22 +227,42 @@ def parse_action(text: str) -> int:
 
 def cmd_doors(store: Store, as_json: bool) -> None:
     view = store.view()
-    found = sorted(doors.doors(view) if view is not None else [],
-                   key=lambda d: (d.close_at, d.address, d.action))
+    found = sorted(
+        doors.doors(view) if view is not None else [],
+        key=lambda d: (d.close_at, d.address, d.action),
+    )
     if as_json:
-        print(json.dumps([{"address": d.address, "action": d.action, "opened": d.opened,
-                           "closes_at": d.close_at, "attempts": d.attempts,
-                           "state": d.state.decode(), "undo": d.undo, "uid": d.uid,
-                           "gid": d.gid} for d in found]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "address": d.address,
+                        "action": d.action,
+                        "opened": d.opened,
+                        "closes_at": d.close_at,
+                        "attempts": d.attempts,
+                        "state": d.state.decode(),
+                        "undo": d.undo,
+                        "uid": d.uid,
+                        "gid": d.gid,
+                    }
+                    for d in found
+                ]
+            )
+        )
         return
     print(f"{len(found)} open doors" if found else "no open doors")
     if not found:
         return
     width = max(15, *(len(d.address) for d in found))
-    print(f"{'ADDRESS':<{width}}  ACTION  {'OPENED':<19}  {'CLOSES AT':<19}  ATTEMPTS  STATE    UNDO")
+    print(
+        f"{'ADDRESS':<{width}}  ACTION  {'OPENED':<19}  {'CLOSES AT':<19}  ATTEMPTS  STATE    UNDO"
+    )
     for d in found:
-        print(f"{d.address:<{width}}  {d.action:>6}  {when(d.opened):<19}  {when(d.close_at):<19}  "
-              f"{d.attempts:>8}  {d.state.decode():<7}  {d.undo}")
+        print(
+            f"{d.address:<{width}}  {d.action:>6}  {when(d.opened):<19}  {when(d.close_at):<19}  "
+            f"{d.attempts:>8}  {d.state.decode():<7}  {d.undo}"
+        )
 
 
 def door_log() -> logmod.Log:
@@ -237,8 +273,10 @@ def door_log() -> logmod.Log:
 def cmd_close(store: Store, key: bytes) -> None:
     door = doors.claim(store, key, int(time.time()), None, force=True)
     if door is None:
-        raise Fatal(f"no door {key.decode()[len(doors.PREFIX):]} to close (see doors), or its "
-                    "undo is running now")
+        raise Fatal(
+            f"no door {key.decode()[len(doors.PREFIX) :]} to close (see doors), or its "
+            "undo is running now"
+        )
     outcome = doors.close(store, door, door_log())
     if outcome != "closed":
         raise Fatal(f"the undo of {door.address} failed ({outcome}): see the line above and doors")
@@ -248,7 +286,7 @@ def cmd_close(store: Store, key: bytes) -> None:
 def cmd_forget(store: Store, key: bytes) -> None:
     door = doors.forget(store, key) if store.view() is not None else None
     if door is None:
-        print(f"{key.decode()[len(doors.PREFIX):]}: no such door, nothing to forget")
+        print(f"{key.decode()[len(doors.PREFIX) :]}: no such door, nothing to forget")
     else:
         print(f"{door.address}: action {door.action}'s door forgotten; {door.undo} did not run")
 
@@ -265,8 +303,10 @@ def cmd_unlock(store: Store, key: bytes) -> None:
     if e is None:
         print(f"{key.decode()}: no record, nothing to unlock")
     else:
-        print(f"{key.decode()}: unlocked (had {e.strikes} strikes, {e.errors} errors, "
-              f"locked since {when(e.locked_since)})")
+        print(
+            f"{key.decode()}: unlocked (had {e.strikes} strikes, {e.errors} errors, "
+            f"locked since {when(e.locked_since)})"
+        )
 
 
 def cmd_lock(store: Store, key: bytes, now: int) -> None:
@@ -306,8 +346,10 @@ def cmd_export(store: Store, cfg: Config) -> None:
 
 def cmd_reset(store: Store, force: bool) -> None:
     if not force:
-        raise Usage("reset forgets every strike, lock and the stopped state: "
-                    "run 'reset --force' to move a corrupt store aside")
+        raise Usage(
+            "reset forgets every strike, lock and the stopped state: "
+            "run 'reset --force' to move a corrupt store aside"
+        )
     try:
         State(store)
     except StoreCorrupt as e:
@@ -318,8 +360,10 @@ def cmd_reset(store: Store, force: bool) -> None:
     print(f"the store was corrupt: {why}")
     for path in moved:
         print(f"moved aside: {path}")
-    print("every strike, lock and the stopped state are forgotten; "
-          "the next connection starts an empty store")
+    print(
+        "every strike, lock and the stopped state are forgotten; "
+        "the next connection starts an empty store"
+    )
 
 
 def run(argv: list[str]) -> None:
@@ -342,8 +386,10 @@ def run(argv: list[str]) -> None:
     elif command == "lock":
         key = parse_address(args[0], cfg)
         if b"/" in key and not key.endswith(b"/%d" % cfg.ipv6_prefix):
-            raise Usage(f"IPv6 strikes count per /{cfg.ipv6_prefix} (IPV6_PREFIX): "
-                        f"lock an address or a /{cfg.ipv6_prefix} prefix")
+            raise Usage(
+                f"IPv6 strikes count per /{cfg.ipv6_prefix} (IPV6_PREFIX): "
+                f"lock an address or a /{cfg.ipv6_prefix} prefix"
+            )
         cmd_lock(store, key, now)
     elif command == "revive":
         cmd_revive(store, cfg)
@@ -363,8 +409,11 @@ def run(argv: list[str]) -> None:
     try:
         store.compact_due()
     except StoreError as e:
-        print(f"{PROG}: warning: the {command} above took effect, but compacting the store "
-              f"after it failed ({e}); 'prune' compacts it once that is fixed", file=sys.stderr)
+        print(
+            f"{PROG}: warning: the {command} above took effect, but compacting the store "
+            f"after it failed ({e}); 'prune' compacts it once that is fixed",
+            file=sys.stderr,
+        )
 
 
 def body(argv: list[str]) -> None:
@@ -372,9 +421,11 @@ def body(argv: list[str]) -> None:
     try:
         run(argv)
     except StoreCorrupt as e:
-        raise Fatal(f"the lockout store is corrupt: {e}; every connection is refused until it "
-                    f"is repaired; '{PROG} reset --force' moves it aside and starts afresh "
-                    "(forgetting every lock)") from None
+        raise Fatal(
+            f"the lockout store is corrupt: {e}; every connection is refused until it "
+            f"is repaired; '{PROG} reset --force' moves it aside and starts afresh "
+            "(forgetting every lock)"
+        ) from None
     except StoreError as e:
         raise Fatal(f"lockout store: {e}") from None
 

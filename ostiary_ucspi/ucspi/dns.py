@@ -6,6 +6,7 @@ rounds of 1, 3, 11 and 45 seconds; /etc/hosts is not read. Names come back
 in djbdns's "todot" form: lowercase, bytes other than ``a-z 0-9 - _`` as
 ``\\ooo``.
 """
+
 import os
 import socket
 import struct
@@ -151,8 +152,12 @@ def udp_exchange(server: str, query: bytes, timeout: float) -> bytes | None:
 def relevant(reply: bytes, query: bytes) -> bool:
     """True if ``reply`` answers ``query``: same id, one question, the same question."""
     question = query[12:]
-    return (len(reply) >= 12 and reply[:2] == query[:2] and reply[4:6] == b"\0\1"
-            and reply[12 : 12 + len(question)].lower() == question.lower())
+    return (
+        len(reply) >= 12
+        and reply[:2] == query[:2]
+        and reply[4:6] == b"\0\1"
+        and reply[12 : 12 + len(question)].lower() == question.lower()
+    )
 
 
 def records(reply: bytes, qtype: int) -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
 """Ident (RFC 1413) for ostiary-tcpserver's TCPREMOTEINFO, as tcpserver asks it."""
+
 import socket
 import time
 

@@ -24,6 +24,7 @@ looked up as the plain IPv4 address, as the IPv6-patched tcpservers do; a
 native IPv6 address goes through the same algorithm unchanged, so in practice
 it matches only host-based rules and the default (empty) key.
 """
+
 import errno
 import os
 import struct

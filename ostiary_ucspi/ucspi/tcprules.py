@@ -31,7 +31,7 @@ USAGE = "ostiary-tcprules rules.cdb rules.tmp < rules"
 EXITS = {
     0: "rules.cdb replaced; --help, --version",
     100: "usage error, or a line that cannot be parsed (as real tcprules); also rules.tmp "
-         "naming the same path as rules.cdb (real tcprules would truncate the live file)",
+    "naming the same path as rules.cdb (real tcprules would truncate the live file)",
     111: "cannot create or write rules.tmp, read the input, or rename (as real tcprules)",
 }
 
@@ -75,7 +75,7 @@ def parse_instructions(text: bytes) -> bytes:
         if rest[:1] != b",":
             if rest[:1] == b"\r":
                 raise RuleError("carriage return in line (DOS line ending?)")
-            raise RuleError("expected ,VAR=\"value\" or end of line")
+            raise RuleError('expected ,VAR="value" or end of line')
         eq = rest.find(b"=")
         if eq == -1:
             raise RuleError("variable without =")
@@ -87,7 +87,7 @@ def parse_instructions(text: bytes) -> bytes:
         end = rest.find(delimiter, eq + 2)
         if end == -1:
             quote = delimiter.decode(errors="backslashreplace")
-            raise RuleError(f"value of {shown} has no closing {quote}; write {shown}=\"value\"")
+            raise RuleError(f'value of {shown} has no closing {quote}; write {shown}="value"')
         value += b"+" + name + b"=" + rest[eq + 2 : end] + b"\0"
         rest = rest[end + 1 :]
     return value

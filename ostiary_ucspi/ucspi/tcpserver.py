@@ -22,7 +22,8 @@ The forking mode, ``-F module`` (not tcpserver's): the server imports Python
 ``module`` once, after dropping privileges, and for each connection forks a
 child that, with exactly what ``program`` would have had (descriptors 0 and
 1 the connection and no other above 2, the same environment, the signal
-dispositions of a freshly started Python and none blocked), calls ``module.main([program, arg ...])``
+dispositions of a freshly started Python and none blocked), calls
+``module.main([program, arg ...])``
 instead of exec'ing ``program``; its return value is the child's exit status.
 Modules the module names in ``PRELOAD`` are imported once too. No exec and no
 interpreter start per connection, at the price of isolation: every child is a
@@ -54,6 +55,7 @@ connection, 111 when it drops it (rules file missing or unreadable, banner
 unwritable, program not runnable); otherwise it becomes ``program`` (with
 -F, exits with what ``module.main`` returns).
 """
+
 from __future__ import annotations
 
 import errno
@@ -71,51 +73,72 @@ from .rules import unmapped
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, NoReturn
+    from collections.abc import Callable
+    from typing import NoReturn
 
 PROG = "ostiary-tcpserver"
 # Usage and fatal lines name this program; log lines (status, ok, end, deny,
 # warning) say "tcpserver:" as 0.88's do, for whatever reads the log.
-USAGE = ("ostiary-tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] "
-         "[ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] "
-         "[ -t timeout ] [ -F module ] host port program")
+USAGE = (
+    "ostiary-tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] "
+    "[ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] "
+    "[ -t timeout ] [ -F module ] host port program"
+)
 OPTIONS = "dDvqQhHrR1UXx:t:u:g:l:b:B:c:F:pPoO"
 DROP = "tcpserver: warning: dropping connection, "
 EXITS = {
     0: "stopped by SIGTERM (the server); --help, --version",
     100: "usage: a bad option, or host, port or program missing; "
-         "a child: the rules deny the connection",
+    "a child: the rules deny the connection",
     111: "the port or host is unknown, or the socket cannot be created, bound or listened on, "
-         "or the gid or uid cannot be set, or the -F module cannot be imported; "
-         "a child: the connection was dropped",
+    "or the gid or uid cannot be set, or the -F module cannot be imported; "
+    "a child: the connection was dropped",
 }
 
 # djb's error_str() wording for the errors tcpserver can meet.
 ERRORS = {
-    errno.EINTR: "interrupted system call", errno.ENOMEM: "out of memory",
-    errno.ENOENT: "file does not exist", errno.ETXTBSY: "text busy",
-    errno.EIO: "input/output error", errno.EEXIST: "file already exists",
-    errno.ETIMEDOUT: "timed out", errno.EINPROGRESS: "operation in progress",
-    errno.EAGAIN: "temporary failure", errno.EPIPE: "broken pipe",
-    errno.EPERM: "permission denied", errno.EACCES: "access denied",
-    errno.ENXIO: "device not configured", errno.EPROTO: "protocol error",
-    errno.EISDIR: "is a directory", errno.ECONNREFUSED: "connection refused",
-    errno.E2BIG: "argument list too long", errno.ENOEXEC: "exec format error",
-    errno.EBADF: "file descriptor not open", errno.EFAULT: "bad address",
-    errno.ENOTDIR: "not a directory", errno.EINVAL: "invalid argument",
+    errno.EINTR: "interrupted system call",
+    errno.ENOMEM: "out of memory",
+    errno.ENOENT: "file does not exist",
+    errno.ETXTBSY: "text busy",
+    errno.EIO: "input/output error",
+    errno.EEXIST: "file already exists",
+    errno.ETIMEDOUT: "timed out",
+    errno.EINPROGRESS: "operation in progress",
+    errno.EAGAIN: "temporary failure",
+    errno.EPIPE: "broken pipe",
+    errno.EPERM: "permission denied",
+    errno.EACCES: "access denied",
+    errno.ENXIO: "device not configured",
+    errno.EPROTO: "protocol error",
+    errno.EISDIR: "is a directory",
+    errno.ECONNREFUSED: "connection refused",
+    errno.E2BIG: "argument list too long",
+    errno.ENOEXEC: "exec format error",
+    errno.EBADF: "file descriptor not open",
+    errno.EFAULT: "bad address",
+    errno.ENOTDIR: "not a directory",
+    errno.EINVAL: "invalid argument",
     errno.ENFILE: "system cannot open more files",
-    errno.EMFILE: "process cannot open more files", errno.ENOSPC: "out of disk space",
-    errno.EROFS: "read-only file system", errno.ENOTSOCK: "not a socket",
+    errno.EMFILE: "process cannot open more files",
+    errno.ENOSPC: "out of disk space",
+    errno.EROFS: "read-only file system",
+    errno.ENOTSOCK: "not a socket",
     errno.EPROTONOSUPPORT: "protocol not supported",
     errno.EAFNOSUPPORT: "address family not supported",
-    errno.EADDRINUSE: "address already used", errno.EADDRNOTAVAIL: "address not available",
-    errno.ENETDOWN: "network down", errno.ENETUNREACH: "network unreachable",
-    errno.ECONNABORTED: "connection aborted", errno.ECONNRESET: "connection reset",
-    errno.ENOBUFS: "out of buffer space", errno.ENOTCONN: "not connected",
-    errno.ELOOP: "symbolic link loop", errno.ENAMETOOLONG: "file name too long",
-    errno.EHOSTUNREACH: "host unreachable", errno.ENOSYS: "system call not available",
+    errno.EADDRINUSE: "address already used",
+    errno.EADDRNOTAVAIL: "address not available",
+    errno.ENETDOWN: "network down",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ECONNABORTED: "connection aborted",
+    errno.ECONNRESET: "connection reset",
+    errno.ENOBUFS: "out of buffer space",
+    errno.ENOTCONN: "not connected",
+    errno.ELOOP: "symbolic link loop",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENOSYS: "system call not available",
 }
-
 
 
 def error_text(e: BaseException) -> str:
@@ -193,12 +216,23 @@ class Options:
 
     def set(self, opt: str, value: str) -> None:
         """Apply one option, in command-line order (so -U and -u override each other)."""
-        flags = {"d": ("delay", True), "D": ("delay", False), "v": ("verbosity", 2),
-                 "q": ("verbosity", 0), "Q": ("verbosity", 1), "h": ("remotehost", True),
-                 "H": ("remotehost", False), "r": ("remoteinfo", True),
-                 "R": ("remoteinfo", False), "p": ("paranoid", True), "P": ("paranoid", False),
-                 "o": ("killopts", False), "O": ("killopts", True),
-                 "1": ("print_port", True), "X": ("allow_norules", True)}
+        flags = {
+            "d": ("delay", True),
+            "D": ("delay", False),
+            "v": ("verbosity", 2),
+            "q": ("verbosity", 0),
+            "Q": ("verbosity", 1),
+            "h": ("remotehost", True),
+            "H": ("remotehost", False),
+            "r": ("remoteinfo", True),
+            "R": ("remoteinfo", False),
+            "p": ("paranoid", True),
+            "P": ("paranoid", False),
+            "o": ("killopts", False),
+            "O": ("killopts", True),
+            "1": ("print_port", True),
+            "X": ("allow_norules", True),
+        }
         numbers = {"c": "limit", "b": "backlog", "t": "timeout", "u": "uid", "g": "gid"}
         if opt in flags:
             setattr(self, *flags[opt])
@@ -288,8 +322,9 @@ def resolve_host(host: str) -> tuple[int, tuple]:
             infos = socket.getaddrinfo(host, 0, socket.AF_INET, socket.SOCK_STREAM)
         except socket.gaierror as e:
             if e.errno == socket.EAI_AGAIN:
-                raise Fatal(f"temporarily unable to figure out IP address for {host}: "
-                            "temporary failure") from None
+                raise Fatal(
+                    f"temporarily unable to figure out IP address for {host}: temporary failure"
+                ) from None
             infos = []
     if not infos:
         raise Fatal(f"no IP address for {host}")
@@ -379,8 +414,13 @@ class Server:
     tcpserver's work step by step, so the log lines are tcpserver's.
     """
 
-    def __init__(self, opts: Options, program: list[str], sock: socket.socket,
-                 entry: "Callable[[list[str]], int] | None" = None) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        program: list[str],
+        sock: socket.socket,
+        entry: Callable[[list[str]], int] | None = None,
+    ) -> None:
         """``entry``: -F's ``module.main``, called in each child instead of exec'ing ``program``."""
         self.opts = opts
         self.entry = entry
@@ -391,11 +431,17 @@ class Server:
         self.candidates = exec_candidates(program[0], self.env)
         self.running = 0
         self.verbose = opts.verbosity >= 2
-        self.spawn = (opts.localhost is not None and not opts.remotehost
-                      and not opts.remoteinfo and not opts.banner and entry is None)
+        self.spawn = (
+            opts.localhost is not None
+            and not opts.remotehost
+            and not opts.remoteinfo
+            and not opts.banner
+            and entry is None
+        )
         self.rules = None
         if opts.rules is not None:
             from . import rules
+
             self.rules = rules
 
     def say(self, line: str) -> None:
@@ -415,9 +461,11 @@ class Server:
         """Log ``ok`` or ``deny`` and the connection's names and addresses, as -v does."""
         if self.verbose:
             localhost, local_ip, local_port, remotehost, remote_ip, info, remote_port = fields
-            self.say(f"tcpserver: {'deny' if deny else 'ok'} {pid} "
-                     f"{safe(localhost)}:{safe(local_ip)}:{local_port} "
-                     f"{safe(remotehost)}:{safe(remote_ip)}:{safe(info)}:{remote_port}")
+            self.say(
+                f"tcpserver: {'deny' if deny else 'ok'} {pid} "
+                f"{safe(localhost)}:{safe(local_ip)}:{local_port} "
+                f"{safe(remotehost)}:{safe(remote_ip)}:{safe(info)}:{remote_port}"
+            )
 
     def serve(self) -> NoReturn:
         """Accept connections for ever, at most -c children at a time."""
@@ -512,8 +560,13 @@ class Server:
             if len(self.candidates) > 1 and not os.path.exists(path):
                 continue
             try:
-                pid = os.posix_spawn(path, self.program, env, file_actions=actions,
-                                     setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                pid = os.posix_spawn(
+                    path,
+                    self.program,
+                    env,
+                    file_actions=actions,
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                )
             except OSError:
                 continue
             if self.verbose:
@@ -592,8 +645,9 @@ class Server:
         sys.stdout.flush()
         return status
 
-    def prepare(self, conn: socket.socket, peer: tuple
-                ) -> tuple[list[tuple[bytes, bytes | None]], bool, tuple]:
+    def prepare(
+        self, conn: socket.socket, peer: tuple
+    ) -> tuple[list[tuple[bytes, bytes | None]], bool, tuple]:
         """Socket options, banner, look-ups and rules, in tcpserver's order.
 
         Returns the variables to set (None: unset), whether the rules deny the
@@ -637,15 +691,19 @@ class Server:
         info = None
         if o.remoteinfo:
             family = socket.AF_INET6 if v6 else socket.AF_INET
-            info = remote_info(family, endpoint(local, local_ip, v6),
-                               endpoint(peer, remote_ip, v6), o.timeout)
+            info = remote_info(
+                family, endpoint(local, local_ip, v6), endpoint(peer, remote_ip, v6), o.timeout
+            )
 
         values: list[tuple[bytes, bytes | None]] = [
-            (b"TCPLOCALIP", local_ip.encode()), (b"TCPLOCALPORT", b"%d" % local_port),
-            (b"TCPLOCALHOST", localhost), (b"TCPREMOTEIP", remote_ip.encode()),
+            (b"TCPLOCALIP", local_ip.encode()),
+            (b"TCPLOCALPORT", b"%d" % local_port),
+            (b"TCPLOCALHOST", localhost),
+            (b"TCPREMOTEIP", remote_ip.encode()),
             (b"TCPREMOTEPORT", b"%d" % remote_port),
             (b"TCPREMOTEHOST", None if remotehost is None else remotehost.encode()),
-            (b"TCPREMOTEINFO", info)]
+            (b"TCPREMOTEINFO", info),
+        ]
         if v6:
             values += [(b"TCP6" + name[3:], value) for name, value in values]
             values.append((b"TCP6INTERFACE", interface.encode() or None))
@@ -655,8 +713,9 @@ class Server:
         path = o.rules
         if self.rules is not None and path is not None:
             try:
-                found = self.rules.lookup(path, remote_ip, remotehost,
-                                          None if info is None else os.fsdecode(info))
+                found = self.rules.lookup(
+                    path, remote_ip, remotehost, None if info is None else os.fsdecode(info)
+                )
             except self.rules.RulesMissing:
                 if not o.allow_norules:
                     raise Drop(f"unable to read {path}: file does not exist") from None
@@ -683,7 +742,7 @@ class Server:
         return env
 
 
-def preload(name: str) -> "Callable[[list[str]], int]":
+def preload(name: str) -> Callable[[list[str]], int]:
     """-F: import ``name`` (and what its ``PRELOAD`` names) once; return its ``main``.
 
     Runs after the privileges are dropped. The objects it made are frozen out

@@ -5,7 +5,7 @@ from typing import Iterator
 
 import pytest
 
-from adv_tally import Tally
+from adversarial.adv_tally import Tally
 
 TALLY = pytest.StashKey[Tally]()
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kit.gates import project_tool
+from conftest import project_tool
 from kit.wire import SALT_LEN, read_to_eof
 from ostiary_ucspi.config import UNDO_MAX, Config, ConfigError, load, parse
 

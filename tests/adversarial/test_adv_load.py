@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adv_tally import figure
+from adversarial.adv_tally import figure
 from kit.procs import descriptors, handlers_alive, wait_for, wait_quiet, zombies
 from kit.servers import TRACEBACK, Server
 from kit.site import SECRETS, Site

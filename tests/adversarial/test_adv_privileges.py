@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from adv_tally import figure
-from kit.gates import IN_CI, project_tool
+from adversarial.adv_tally import figure
+from conftest import IN_CI, project_tool
 from kit.procs import wait_for, wait_quiet
 from kit.servers import Server
 from kit.site import Site

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adv_tally import figure
+from adversarial.adv_tally import figure
 from kit.procs import wait_for, wait_quiet
 from kit.servers import Server
 from kit.site import SECRETS, Site

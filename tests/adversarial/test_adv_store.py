@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kit.gates import IN_CI, project_tool
+from conftest import IN_CI, project_tool
 from kit.damage import BROKEN_FILES as DAMAGE
 from kit.procs import wait_quiet
 from kit.servers import TRACEBACK

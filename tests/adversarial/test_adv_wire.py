@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_tally import figure
+from adversarial.adv_tally import figure
 from kit.procs import wait_for, wait_quiet
 from kit.servers import TRACEBACK, Server
 from kit.site import ADV_KILL as KILL

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import pytest
 
-from kit.gates import project_tool, require_tool
+from conftest import project_tool, require_tool
 from kit.procs import wait_for
 from kit.wire import knock, talk
 

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pytest
 
-from kit.gates import project_tool
+from conftest import project_tool
 from kit.procs import wait_for
 from kit.servers import Handler
 from kit.wire import tcp_pair

@@ -20,7 +20,7 @@ runner that wakes for an older deadline finds its claim refused. A success
 deletes the record; a failure re-arms it with back-off (:data:`BACKOFF`).
 
 Who closes: the runner that started the ACTION, at CLOSE_AT; if it died,
-the first connection after CLOSE_AT + GRACE (the handler reads ``!doors``
+the first connection after CLOSE_AT + DOORS_GRACE (the handler reads ``!doors``
 without a lock, one lookup: :func:`.policy.doors_due`) starts a sweeper;
 ``ostiary-lockout sweep``, run
 by the service's start-up, closes what is due and waits for the rest.

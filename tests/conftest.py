@@ -1,13 +1,10 @@
-"""Shared test helpers: real-tool gating, free ports, project paths."""
+"""Gates and fixtures shared by every test; the helpers themselves are in ``kit/``."""
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sysconfig
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -26,13 +23,6 @@ def require_tool(name: str) -> str:
     return path
 
 
-def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago on ``host``."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def project_tool(name: str) -> str:
     """Return the path of one of this project's installed commands.
 
@@ -46,26 +36,4 @@ def project_tool(name: str) -> str:
     return path
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    """Read until the peer closes; a reset counts as a close."""
-    got = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
+from kit.site import rig  # noqa: E402,F401  (a fixture: every test may ask for a Rig)

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from handler_util import OPEN, SALT_LEN, Rig, TcpServer, rig, wait_for
-
-assert rig  # a fixture, used by name
+from kit.procs import wait_for, wait_quiet
+from kit.servers import TcpServer
+from kit.site import OPEN, Rig
+from kit.wire import SALT_LEN
 
 ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="only root can switch users")
 
@@ -195,7 +196,7 @@ def test_unsafe_actions_are_refused_and_logged(rig: Rig, problem):
     assert (len(got), rc) == (SALT_LEN, 0)
     line = rig.wait_log(f"127.0.0.1 action 1 {path} refused: ")[0]
     assert line.startswith("ostiary-handle: error: ")
-    time.sleep(0.2)
+    wait_quiet(rig.cfg)
     assert rig.runs("open") == []
     assert rig.entry().strikes == 0  # the client did prove itself
 
@@ -206,5 +207,5 @@ def test_root_actions_must_belong_to_root(rig: Rig):
     os.chown(rig.bin / "open", 1234, 0)
     rig.handle(b"root-passphrase")
     rig.wait_log("writable by someone other than root")
-    time.sleep(0.2)
+    wait_quiet(rig.cfg)
     assert rig.runs("open") == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import select
 import signal
 import socket
 import struct
@@ -23,14 +22,14 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import free_port, project_tool, require_tool
+from conftest import project_tool, require_tool
+from kit.servers import closed_port, listen, stop
+from kit.vectors import OSTIARY
 from ostiary_ucspi import client
 from ostiary_ucspi.protocol import response
 
 PROMPT = "Enter command secret: "
-# PROTOCOL.md's test vector, produced by the real ostclient.
-VECTOR_SALT = bytes(range(32))
-VECTOR_RESPONSE = bytes.fromhex("fc251d0f9004af95b838cd431ae4b7d6704393e4d3864e73932aebb7168dfbbf")
+VECTOR_SALT, VECTOR_RESPONSE = OSTIARY.msg, OSTIARY.digest  # the real ostclient's answer
 EXIT_CODES = {name: value for name, value in vars(client).items() if name.startswith("EXIT_")}
 
 
@@ -179,7 +178,7 @@ def fatal(proc: subprocess.CompletedProcess, kind: str = "fatal") -> str:
 
 def test_sends_the_protocol_test_vector(serve, tmp_path):
     srv = serve(salt=VECTOR_SALT)
-    proc = run_client("-a", srv.addr, "--secret-file", secret_file(tmp_path, b"secretpassword\n"))
+    proc = run_client("-a", srv.addr, "--secret-file", secret_file(tmp_path, OSTIARY.key + b"\n"))
     assert proc.returncode == 0, proc.stderr
     assert srv.answered() == [VECTOR_RESPONSE]
 
@@ -365,8 +364,8 @@ def test_usage_errors(args):
 
 
 def test_nothing_listening_is_refused():
-    port = free_port()
-    proc = run_client("-a", "127.0.0.1", "-p", str(port), "-f", "0", input="pw\n")
+    with closed_port() as port:
+        proc = run_client("-a", "127.0.0.1", "-p", str(port), "-f", "0", input="pw\n")
     assert proc.returncode == client.EXIT_REFUSED
     assert f"127.0.0.1 port {port}: connection refused" in fatal(proc)
 
@@ -524,17 +523,17 @@ def knock_fake_name() -> int:
 
 def test_tries_each_address_in_turn(serve, monkeypatch, capsys):
     srv = serve()
-    dead = free_port()
-    fake_addresses(monkeypatch, [dead, srv.port])
-    rc = knock_fake_name()
+    with closed_port() as dead:
+        fake_addresses(monkeypatch, [dead, srv.port])
+        rc = knock_fake_name()
     assert rc == 0, capsys.readouterr().err
     assert srv.answered() == [response(b"pw", srv.salt)]
 
 
 def test_every_address_failing_is_reported_in_one_line(monkeypatch, capsys):
-    dead1, dead2 = free_port(), free_port()
-    fake_addresses(monkeypatch, [dead1, dead2])
-    rc = knock_fake_name()
+    with closed_port() as dead1, closed_port() as dead2:
+        fake_addresses(monkeypatch, [dead1, dead2])
+        rc = knock_fake_name()
     err = capsys.readouterr().err
     assert rc == client.EXIT_REFUSED
     assert err.count("\n") == 1
@@ -549,7 +548,6 @@ class UnreachableSocket(socket.socket):
 
 
 def test_other_connect_errors_and_the_last_address_decides(monkeypatch, capsys):
-    fake_addresses(monkeypatch, [free_port(), free_port()])
     real = client.socket.socket
     made = []
 
@@ -557,8 +555,10 @@ def test_other_connect_errors_and_the_last_address_decides(monkeypatch, capsys):
         made.append(args)
         return (real if len(made) == 1 else UnreachableSocket)(*args)
 
-    monkeypatch.setattr(client.socket, "socket", second_unreachable)
-    rc = knock_fake_name()
+    with closed_port() as dead1, closed_port() as dead2:
+        fake_addresses(monkeypatch, [dead1, dead2])
+        monkeypatch.setattr(client.socket, "socket", second_unreachable)
+        rc = knock_fake_name()
     err = capsys.readouterr().err
     assert rc == client.EXIT_CONNECT
     assert "127.0.0.1: connection refused; 127.0.0.1: Network is unreachable" in err
@@ -616,21 +616,15 @@ def ucspi(request, tmp_path):
         else:
             argv = [project_tool("ostiary-tcpserver"), "-1", "-H", "-R", "-l0", host, "0",
                     *handle]
-        log = open(tmp_path / "server.log", "wb")
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log,
-                                      start_new_session=True))
-        log.close()
-        ready, _, _ = select.select([procs[-1].stdout], [], [], 10)
-        line = procs[-1].stdout.readline() if ready else b""
-        if not line.strip().isdigit():
-            pytest.fail(f"{argv[0]} printed no port: {(tmp_path / 'server.log').read_text()}")
-        port = int(line)
+        with open(tmp_path / "server.log", "wb") as log:
+            proc, port = listen(argv, log, start_new_session=True)
+        procs.append(proc)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     yield start
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        stop(proc)
 
 
 def test_handler_round_trip_from_a_script(ucspi, tmp_path):

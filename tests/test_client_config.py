@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from kit.servers import unused_port
 from ostiary_ucspi import __version__, client
 from ostiary_ucspi.protocol import response
 from test_client import fatal, run_client, secret_file, serve  # noqa: F401 (serve: a fixture)
@@ -160,7 +160,7 @@ def test_a_target_knocks_with_its_stanza(serve, tmp_path):
 
 def test_the_command_line_overrides_the_stanza(serve, tmp_path):
     srv = serve()
-    write_conf(tmp_path, f"[box]\nhost = 127.0.0.1:{free_port()}\nsecret = inline one\n")
+    write_conf(tmp_path, f"[box]\nhost = 127.0.0.1:{unused_port()}\nsecret = inline one\n")
     proc = as_user(tmp_path, "-p", str(srv.port), "box", "-f", "0", input="typed\n")
     assert proc.returncode == 0, proc.stderr
     assert srv.answered() == [response(b"typed", srv.salt)]

@@ -17,7 +17,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import free_port, project_tool, require_tool
+from conftest import project_tool, require_tool
+from kit.servers import unused_port
 from ostiary_ucspi import client
 
 DOOR = Path(__file__).resolve().parent / "client_door.py"
@@ -40,7 +41,7 @@ class Knock:
     def start(self, door_command: str, host: str = "127.0.0.1") -> Knock:
         """Serve knocks on host; the action runs ``door_command`` (PORT, OUT filled in)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.door = free_port(family, host)
+        self.door = unused_port(family, host)
         action = self.root / "open-door"
         command = door_command.format(PORT=self.door, OUT=self.root / "door", HOST=host)
         action.write_text(f"#!/bin/sh\n{command} </dev/null >>{self.root}/door.log 2>&1 &\n"
@@ -162,7 +163,7 @@ def test_a_wrong_passphrase_never_opens_the_port(knock, mode):
 
 def test_the_knock_still_fails_first():
     """--connect changes nothing before the knock: a dead server is refused (103)."""
-    proc = client_run("-a", f"127.0.0.1:{free_port()}", "-f", "0", "--connect", "22",
+    proc = client_run("-a", f"127.0.0.1:{unused_port()}", "-f", "0", "--connect", "22",
                       input=b"pw\n")
     assert proc.returncode == client.EXIT_REFUSED
 

@@ -5,14 +5,13 @@ import grp
 import os
 import pwd
 import re
-import time
 
 import pytest
 
-from handler_util import KILL, OPEN, SALT_LEN, Rig, rig
+from kit.procs import wait_quiet
+from kit.site import KILL, OPEN, Rig
+from kit.wire import SALT_LEN
 from ostiary_ucspi.config import LOG_LEVELS, ConfigError, parse
-
-assert rig  # a fixture, used by name
 
 # A config as Ostiary 4.0 users write them: listener keys, flags, quoted and
 # bare ids, names and numbers, more than 8 actions, \" inside strings, comments.
@@ -286,7 +285,7 @@ def test_check_refuses_unusable_configs(rig: Rig, problem):
     else:  # a bad action file: the client proved itself, the action is refused
         assert (len(got), rc) == (SALT_LEN, 0)
         assert rig.wait_log(f"{rig.bin}/open refused: ")
-    time.sleep(0.2)
+    wait_quiet(rig.cfg)
     assert rig.runs("open") == []
 
 

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, project_tool, require_tool, wait_for
+from conftest import ROOT, project_tool, require_tool
+from kit.procs import wait_for
+from kit.servers import unused_port
 
 from ostiary_ucspi.admin import conf
 from ostiary_ucspi.store import Store
@@ -341,7 +343,7 @@ def deployed():
         services = {}
         for name in ("ostiary", "broken"):
             target = base / name
-            port = free_port()
+            port = unused_port()
             cfg = write_config(base / f"{name}.cfg", action, f"{target}/state/lockout.cdb")
             r = run_conf("root", log_account(), str(target), str(cfg), "127.0.0.1", str(port))
             assert r.returncode == 0, r.stderr
@@ -349,7 +351,7 @@ def deployed():
             services[name] = (base / "service" / name, port, cfg)
         services["broken"][2].write_text('ACTION="x-passphrase-long","/bin/echo"\n')
         # By hand, without ostiary-conf: a copy of the project's service/ostiary.
-        handmade, port = base / "handmade", free_port()
+        handmade, port = base / "handmade", unused_port()
         shutil.copytree(ROOT / "service" / "ostiary", handmade, symlinks=True)
         handmade.chmod(0o1755)
         (handmade / "log" / "main").mkdir()
@@ -504,7 +506,7 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
     """No tcpserver on PATH: run serves through ostiary-tcpserver, same flags, same rules."""
     require_tool("envdir")
     me = pwd.getpwuid(os.geteuid()).pw_name
-    target, port = base / "svc", free_port()
+    target, port = base / "svc", unused_port()
     cfg = write_config(base / "ostiary.cfg", write_action(base / "action", "echo hi\n"),
                        f"{target}/state/lockout.cdb")
     assert run_conf(me, me, str(target), str(cfg), "127.0.0.1", str(port)).returncode == 0
@@ -624,7 +626,7 @@ def test_real_xinetd_runs_the_shipped_stanza(base):
     xinetd = require_tool("xinetd")
     if not IS_ROOT:
         pytest.skip("the shipped stanza has user = root")
-    port = free_port()
+    port = unused_port()
     marks = base / "marks"
     marks.mkdir()
     cfg = inetd_setup(base, marks)

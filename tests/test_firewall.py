@@ -19,8 +19,11 @@ from typing import Iterator
 
 import pytest
 
-from conftest import IN_CI, ROOT, project_tool, require_tool, wait_for
-from handler_util import OPEN, SALT_LEN, Handler, Rig, rig, tcp_pair
+from conftest import IN_CI, ROOT, project_tool, require_tool
+from kit.site import OPEN, Rig
+from kit.wire import SALT_LEN, tcp_pair
+from kit.servers import Handler
+from kit.procs import wait_for
 from ostiary_ucspi.actions import SAFE_PATH
 from ostiary_ucspi.address import parse
 

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import project_tool, wait_for
-from handler_util import KILL, OPEN, SALT_LEN, Rig, knock, rig  # noqa: F401 (rig: a fixture)
+from conftest import project_tool
+from kit.site import KILL, OPEN, Rig
+from kit.wire import knock, SALT_LEN
+from kit.procs import wait_for
 
 from ostiary_ucspi.policy import STOPPED
 

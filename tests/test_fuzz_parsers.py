@@ -93,7 +93,7 @@ def check_rules(data: bytes) -> None:
         for key, value in parse_rules(data):
             assert isinstance(key, bytes) and (value == b"" or value.startswith((b"D\0", b"+")))
     except Fatal as e:
-        assert e.args[0] == 100 and b"fatal: line " in e.args[1]
+        assert e.status == 100 and e.text.startswith("line ")
 
 
 @settings(**SETTINGS)

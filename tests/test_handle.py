@@ -14,17 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import project_tool
-from handler_util import (KILL, OPEN, SALT_LEN, Rig, TcpServer, read_to_eof, response,
-                          rig, tcp_pair, wait_for)
+from kit.damage import CORRUPTIONS, journal
+from kit.procs import wait_for, wait_quiet
+from kit.servers import TcpServer
+from kit.site import KILL, OPEN, Rig
+from kit.vectors import OSTIARY
+from kit.wire import SALT_LEN, read_to_eof, response, tcp_pair
 from ostiary_ucspi import protocol
 from ostiary_ucspi.policy import STOPPED, Entry
 from ostiary_ucspi.store import Store
 
-assert rig  # a fixture, used by name
-
-VECTOR_SECRET = b"secretpassword"
-VECTOR_SALT = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
-VECTOR_RESPONSE = bytes.fromhex("fc251d0f9004af95b838cd431ae4b7d6704393e4d3864e73932aebb7168dfbbf")
+VECTOR_SECRET, VECTOR_SALT, VECTOR_RESPONSE = OSTIARY.key, OSTIARY.msg, OSTIARY.digest
 WRONG = b"\x5a" * 32
 LINE = re.compile(r"^ostiary-handle: (alert|fatal|error|warning|notice|info|debug): \S")
 
@@ -39,7 +39,7 @@ def test_vector_is_hmac_sha256():
 
 def test_vector_through_tcpserver(rig: Rig):
     rig.action("vector")
-    rig.write_config(f'ACTION="secretpassword","{rig.bin}/vector"')
+    rig.write_config(f'ACTION="{VECTOR_SECRET.decode()}","{rig.bin}/vector"')
     with TcpServer(rig, salt=VECTOR_SALT) as srv:
         got = srv.knock(response_bytes=VECTOR_RESPONSE)
         assert got == VECTOR_SALT
@@ -162,7 +162,7 @@ def test_lockout_after_max_bad_conns_persists_across_handlers(rig: Rig):
         wait_for(lambda: srv.ended() == 7, 10, "every handler to exit")
     assert rig.runs("open") == ["127.0.0.2"]
     assert rig.entry().locked_since > 0
-    time.sleep(0.3)
+    wait_quiet(rig.cfg)
     assert rig.runs("lockout") == ["127.0.0.1"]  # LOCKOUT_ACTION ran once
     assert len([x for x in rig.lines() if "lockout action" in x and "starting" in x]) == 1
     rec = rig.record("lockout")
@@ -214,7 +214,7 @@ def test_a_charge_whose_handler_died_is_made_final_once(rig: Rig):
         assert rig.handle(OPEN) == (b"", 0)
     assert rig.wait_runs("lockout") == ["127.0.0.1"]
     assert rig.entry().locked_since > 0
-    time.sleep(0.3)
+    wait_quiet(rig.cfg)
     assert rig.runs("lockout") == ["127.0.0.1"]
     assert rig.runs("open") == []
 
@@ -259,7 +259,7 @@ def test_fifty_parallel_bad_connections_get_at_most_max_bad_conns_salts(rig: Rig
     assert all(len(r) == SALT_LEN for r in salts)
     assert len(salts) == 3, f"{len(salts)} salts went out"
     assert rig.wait_runs("lockout") == ["127.0.0.1"]
-    time.sleep(0.3)
+    wait_quiet(rig.cfg)
     assert rig.runs("lockout") == ["127.0.0.1"]
     entry = rig.entry()
     assert entry.locked_since > 0 and entry.strikes == 3
@@ -354,37 +354,10 @@ def seed_store(rig: Rig) -> None:
         assert len(rig.handle(talk_kw={"response_bytes": WRONG}, remote_ip=ip)[0]) == SALT_LEN
 
 
-def garble_line(path, key: bytes, new: bytes) -> None:
-    """Replace the journal line about ``key`` by ``new``, or change a digit of its value."""
-    lines = path.read_bytes().split(b"\n")
-    i = next(i for i, x in enumerate(lines) if x.startswith(key + b" ") or b" " + key + b" " in x)
-    changed = new if new else lines[i].replace(b" 1 1 0 ", b" 0 0 0 ")
-    assert changed != lines[i]
-    lines[i] = changed
-    path.write_bytes(b"\n".join(lines))
-
-
-def journal(rig):
-    return rig.db.with_name(rig.db.name + ".journal")
-
-
-CORRUPTIONS = {
-    "cdb truncated": lambda r: os.truncate(r.db, 1000),
-    "cdb empty": lambda r: os.truncate(r.db, 0),
-    "cdb header garbage": lambda r: r.db.write_bytes(os.urandom(64) + r.db.read_bytes()[64:]),
-    "cdb garbage appended": lambda r: r.db.write_bytes(r.db.read_bytes() + b"garbage"),
-    "cdb missing, journal kept": lambda r: r.db.unlink(),
-    "journal header garbage": lambda r: journal(r).write_bytes(
-        b"garbage\n" + journal(r).read_bytes().split(b"\n", 1)[1]),
-    "journal checksum, own line": lambda r: garble_line(journal(r), b"127.0.0.1", b""),
-    "journal checksum, other line": lambda r: garble_line(journal(r), b"10.0.0.1", b""),
-    "journal garbage line": lambda r: garble_line(journal(r), b"10.0.0.1", b"this is not a record"),
-    "journal own line garbage": lambda r: garble_line(journal(r), b"127.0.0.1", b"0000 x"),
-}
 @pytest.mark.parametrize("how", list(CORRUPTIONS))
 def test_corrupt_store_refuses_everyone_loudly_and_is_left_alone(rig: Rig, how):
     seed_store(rig)
-    CORRUPTIONS[how](rig)
+    CORRUPTIONS[how](rig.db)
     before = {p.name: p.read_bytes() for p in rig.state.iterdir()}
     for ip in ("127.0.0.1", "10.0.0.1", "10.9.9.9"):
         got, rc = rig.handle(OPEN, remote_ip=ip)
@@ -404,7 +377,7 @@ def test_store_corrupted_during_the_exchange_runs_nothing(rig: Rig, secret):
     h = rig.start(env=env)
 
     def corrupt_then_answer(salt: bytes) -> bytes:
-        CORRUPTIONS["cdb header garbage"](rig)
+        CORRUPTIONS["cdb header garbage"](rig.db)
         return response(secret, salt)
 
     assert len(h.talk(answer=corrupt_then_answer)) == SALT_LEN
@@ -421,7 +394,7 @@ def test_store_corrupted_during_the_exchange_runs_nothing(rig: Rig, secret):
 
 def test_torn_journal_tail_loses_no_later_strike(rig: Rig):
     seed_store(rig)
-    with open(journal(rig), "ab") as f:  # a power cut mid-line (or a short write on a full disk)
+    with open(journal(rig.db), "ab") as f:  # a power cut mid-line (or a short write on a full disk)
         f.write(b"0badc0de 10.7.7.7 1 1 0 17")
     assert len(rig.handle(talk_kw={"response_bytes": WRONG})[0]) == SALT_LEN
     assert rig.entry().strikes == 2
@@ -711,7 +684,7 @@ def test_min_loglevel_is_honoured(rig: Rig, level, allowed):
     rig.wait_runs("bad")
     rig.wait_log("finished: exit 3")  # an error: logged at both levels
     assert rig.wait_log("proved KILL")[0].startswith("ostiary-handle: alert: ")  # and a stop
-    time.sleep(0.2)
+    wait_quiet(rig.cfg)
     levels = {x.split(": ")[1] for x in rig.lines()}
     assert levels and levels <= allowed, levels
     if level == "LOG_NOTICE":

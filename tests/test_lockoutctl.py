@@ -9,42 +9,13 @@ import time
 import pytest
 
 from conftest import project_tool
+from kit.damage import OPERATOR, damage_header
+from kit.site import NOW, StoreRig as Rig
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi import supervise
 from ostiary_ucspi.config import load
-from ostiary_ucspi.address import key as address_key
-from ostiary_ucspi.policy import ERRORS, STOPPED, Entry, charge, fail, refusal, stop
+from ostiary_ucspi.policy import ERRORS, STOPPED, Entry, charge, refusal, stop
 from ostiary_ucspi.admin.lockout import PROG, main
-from ostiary_ucspi.store import Store
-
-NOW = int(time.time())
-
-
-class Rig:
-    """A config and its store directory."""
-
-    def __init__(self, tmp_path, extra: str = "") -> None:
-        self.state = tmp_path / "state"
-        self.state.mkdir()
-        self.db = str(self.state / "lockout.cdb")
-        self.cfg_path = str(tmp_path / "ostiary.cfg")
-        with open(self.cfg_path, "w") as f:
-            f.write(f'KILL="kill-passphrase"\nACTION="open-passphrase","/bin/true"\n'
-                    f"LOCKOUT_DB={self.db}\n{extra}")
-        self.cfg = load(self.cfg_path)
-        self.store = Store(self.db)
-
-    def fails(self, ip: str, times: int, now: int = NOW) -> bytes:
-        """Make ``times`` failed attempts from ``ip`` as handlers do; return its key."""
-        key = address_key(ip, self.cfg.ipv6_prefix)
-        for _ in range(times):
-            charge(self.store, key, self.cfg, now)
-            fail(self.store, key, self.cfg, now)
-        return key
-
-    def refused(self, ip: str) -> str | None:
-        return refusal(self.store.view(), address_key(ip, self.cfg.ipv6_prefix), self.cfg.max_bad_conns)
-
 
 @pytest.fixture
 def rig(tmp_path) -> Rig:
@@ -232,32 +203,10 @@ def test_a_missing_config_is_fatal(tmp_path, capsys):
     assert err == f"ostiary-lockout: fatal: unable to read {tmp_path}/nope.cfg: No such file or directory\n"
 
 
-def damage_header(rig):
-    with open(rig.db, "r+b") as f:
-        f.write(b"\xff\xff\xff\xff")
-
-
-def damage_journal(rig):
-    data = open(rig.db + ".journal", "rb").read()
-    i = data.index(b"192.0.2.7 ")
-    with open(rig.db + ".journal", "r+b") as f:
-        f.seek(i + len(b"192.0.2.7 "))
-        f.write(b"9")
-
-
-def damage_record(rig):
-    with rig.store.lock() as tx:
-        tx.put(b"192.0.2.8", b"not a record")
-
-
-@pytest.mark.parametrize("damage, what", [
-    (damage_header, "lockout.cdb: bad CDB header"),
-    (damage_journal, "lockout.cdb.journal: checksum mismatch: the journal was damaged"),
-    (damage_record, "lockout record does not parse: b'not a record'"),
-])
+@pytest.mark.parametrize("damage, what", OPERATOR)
 def test_a_corrupt_store_is_reported_then_set_aside_on_request(rig, run, damage, what):
     rig.fails("192.0.2.7", 3)
-    damage(rig)
+    damage(rig.db)
     for args in (["list"], ["list", "--json"], ["show", "192.0.2.8"], ["export"]):
         code, out, err = run(*args)
         assert (code, out) == (111, ""), args
@@ -287,7 +236,7 @@ def test_reset_refuses_a_valid_store(rig, run):
 
 def test_writes_to_a_corrupt_store_fail(rig, run):
     rig.fails("192.0.2.7", 3)
-    damage_header(rig)
+    damage_header(rig.db)
     for args in (["unlock", "192.0.2.7"], ["lock", "192.0.2.1"], ["prune"], ["revive"]):
         code, out, err = run(*args)
         assert code == 111 and "bad CDB header" in err, args
@@ -322,7 +271,7 @@ def test_the_installed_command(rig):
     assert (done.returncode, done.stdout, done.stderr) == (0, "192.0.2.7\n", "")
     done = subprocess.run([tool, "-c", rig.cfg_path, "show", "nonsense"], capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (100, "")
-    damage_header(rig)
+    damage_header(rig.db)
     done = subprocess.run([tool, "-c", rig.cfg_path, "list"], capture_output=True, text=True)
     assert done.returncode == 111 and done.stdout == ""
     assert done.stderr.startswith("ostiary-lockout: fatal: the lockout store is corrupt: ")

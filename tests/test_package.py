@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, free_port, require_tool, wait_for
+from conftest import IN_CI, ROOT, require_tool
+from kit.servers import unused_port
+from kit.procs import wait_for
 
 PROGRAMS = ("ostiary-handle", "ostiary-client", "ostiary-lockout", "ostiary-tcpserver",
             "ostiary-tcprules", "ostiary-conf")
@@ -144,7 +146,7 @@ def test_install_smoke_and_purge(deb, tmp_path):
         # The card: tcpserver ... ostiary-handle, no -c; knocked by the installed client.
         config = CONFIG.read_text()
         secret = re.search(r'^ACTION="([^"]+)"', config, re.M).group(1)
-        port = free_port()
+        port = unused_port()
         log = tmp_path / "log"
         with open(log, "wb") as sink:
             server = subprocess.Popen([tcpserver, "-v", "-HRl0", "127.0.0.1", str(port),

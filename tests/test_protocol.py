@@ -6,33 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kit.vectors import OSTIARY, RFC4231, Vector
 from ostiary_ucspi import cpython, protocol
 
-# PROTOCOL.md's verified Ostiary 4.0 vector.
-VECTOR = (b"secretpassword",
-          bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"),
-          "fc251d0f9004af95b838cd431ae4b7d6704393e4d3864e73932aebb7168dfbbf")
 
-# RFC 4231, HMAC-SHA-256 test cases 1-4, 6 and 7 (5 is a truncated output).
-RFC4231 = [
-    (b"\x0b" * 20, b"Hi There",
-     "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
-    (b"Jefe", b"what do ya want for nothing?",
-     "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
-    (b"\xaa" * 20, b"\xdd" * 50,
-     "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"),
-    (bytes(range(1, 26)), b"\xcd" * 50,
-     "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"),
-    (b"\xaa" * 131, b"Test Using Larger Than Block-Size Key - Hash Key First",
-     "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"),
-    (b"\xaa" * 131, b"This is a test using a larger than block-size key and a larger than "
-     b"block-size data. The key needs to be hashed before being used by the HMAC algorithm.",
-     "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"),
-]
-
-
-@pytest.mark.parametrize("key, msg, digest", [VECTOR, *RFC4231])
-def test_published_vectors(key: bytes, msg: bytes, digest: str) -> None:
+@pytest.mark.parametrize("vector", [OSTIARY, *RFC4231], ids=lambda v: v.name)
+def test_published_vectors(vector: Vector) -> None:
+    key, msg, digest = vector.key, vector.msg, vector.digest.hex()
     assert hmac.new(key, msg, hashlib.sha256).hexdigest() == digest  # the vector itself
     assert protocol.response(key, msg).hex() == digest
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import IN_CI, ROOT, free_port, wait_for
+from conftest import IN_CI, ROOT
+from kit.servers import unused_port
+from kit.procs import wait_for
 
 DEBIAN_PYTHON = Path("/usr/bin/python3")
 EXAMPLE_STATE = "/tmp/ostiary-example"
@@ -150,7 +152,7 @@ def test_serve_and_knock_commands_with_debians_python(clone):
     serve = next(b for b in blocks if "ostiary-tcpserver" in b)
     knock = blocks[blocks.index(serve) + 1]  # right under the serve command
     assert "ostiary-client" in knock
-    port = free_port()
+    port = unused_port()
     log = clone.base / "serve.log"
     with open(log, "wb") as sink:
         server = subprocess.Popen(clone.argv(clone.adapt(serve, port)), cwd=clone.dir,

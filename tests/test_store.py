@@ -16,6 +16,8 @@ import zlib
 import pytest
 from cdblib import Reader
 
+from kit.damage import REPORTED, write_at
+from kit.damage import journal as journal_of
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.config import parse
 from ostiary_ucspi.address import key as address_key
@@ -184,23 +186,7 @@ def test_journal_grows_to_its_threshold_then_is_compacted(path, small_journal):
 
 # -- corruption: fail closed, say what is wrong -------------------------------
 
-def corrupt_bytes(path: str, offset: int, data: bytes, which: str = "") -> None:
-    with open(path + which, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: corrupt_bytes(p, 0, b"\xff\xff"), "bad CDB header"),
-    (lambda p: os.truncate(p, os.path.getsize(p) - 8), "does not match its header"),
-    (lambda p: os.truncate(p, 100), r"too short to be a CDB \(100 bytes\)"),
-    (lambda p: open(p, "wb").close(), r"too short to be a CDB \(0 bytes\)"),
-    (lambda p: corrupt_bytes(p, 0, b"OSTIARY", ".journal"), "bad journal header"),
-    (lambda p: open(p + ".journal", "wb").write(b"ostiary-journal 9\n"),
-     "generation 9 does not match snapshot 1"),
-    (lambda p: corrupt_bytes(p, 16, b"9", ".journal"), "checksum mismatch"),
-    (lambda p: os.unlink(p), "missing, but its journal exists"),
-])
+@pytest.mark.parametrize("damage, message", list(REPORTED.values()), ids=list(REPORTED))
 def test_a_damaged_store_is_reported_corrupt(path, damage, message):
     put(path, a=b"1")
     damage(path)
@@ -221,7 +207,7 @@ def test_damage_to_any_acknowledged_journal_byte_is_corruption(path, line, byte)
     start = [i + 1 for i, c in enumerate(data) if c == 10][line - 1]
     offset = start + {b"7": 2, b"x": 0, b"3": 2, b"0": 4}[byte]  # the value, the key, a checksum
     assert data[offset:offset + 1] != byte
-    corrupt_bytes(path, offset, byte, ".journal")
+    write_at(journal_of(path), offset, byte)
     for read in (lambda: Store(path).view(), lambda: Store(path).lock().__enter__()):
         with pytest.raises(StoreCorrupt, match="lockout.cdb.journal: checksum mismatch"):
             read()

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, project_tool, require_tool, wait_for
-from handler_util import knock
+from conftest import ROOT, project_tool, require_tool
+from kit.wire import knock
+from kit.servers import unused_port
+from kit.procs import wait_for
 
 UNITS = ROOT / "service" / "systemd"
 KILL = b"systemd-kill-passphrase"
@@ -48,7 +50,7 @@ class Activated:
     """The handler under ``systemd-socket-activate --accept --inetd``, its stderr in a file."""
 
     def __init__(self, tmp: Path, config: str, env: dict[str, str]) -> None:
-        self.port = free_port()
+        self.port = unused_port()
         self.log = tmp / "log"
         cfg = tmp / "ostiary.cfg"
         cfg.write_text(config)

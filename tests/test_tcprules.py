@@ -18,12 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import project_tool, require_tool
+from conftest import ROOT, project_tool, require_tool
 from ostiary_ucspi.ucspi import rules
 from ostiary_ucspi.cdb import write_cdb
 from ostiary_ucspi.ucspi.tcprules import Fatal, parse_rules
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # Keys whose djb hash is 0 and 0 mod 1024: cdblib.Writer (pure-cdb 4) takes a
 # slot holding hash 0 for empty and overwrites it, losing the deny rule.

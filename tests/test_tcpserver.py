@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import project_tool, require_tool
+from kit.servers import listen, stop
 from ostiary_ucspi.ucspi import dns, tcpserver
 
 DNS_IP = "127.83.0.53"      # the fake DNS server
@@ -147,19 +148,10 @@ class Server:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         with log.open("wb") as stderr:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(5)
-            raise AssertionError(f"{argv} did not start: {log.read_text()}")
-        self.port = int(line)
+            self.proc, self.port = listen(argv, stderr, env=env)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(5)
-        self.proc.stdout.close()
-        return code
+        return stop(self.proc)
 
     def log(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()

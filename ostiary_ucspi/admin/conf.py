@@ -191,9 +191,8 @@ def create(acct: str, logacct: str, target: str, config: str, ip: str, port: str
     others = [u.pw_name for u in (user, loguser) if u.pw_uid != me]
     if me != 0 and others:
         raise Fatal(
-            111,
             f"must be run as root to give files to {', '.join(dict.fromkeys(others))}: "
-            "nothing created",
+            "nothing created"
         )
     root = user.pw_uid == 0
     if os.path.lexists(target):

@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from adv_util import SALT_LEN, Server, Site, connect, figure, recv_exact, response, wait_for
-from conftest import IN_CI, project_tool, read_to_eof
+from adversarial.adv_tally import figure
+from conftest import IN_CI, project_tool
+from kit.procs import wait_for, wait_quiet
+from kit.servers import Server
+from kit.site import Site
+from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
 
 NOBODY, NOGROUP = 65534, 65534
 IDS = """#!/bin/sh
@@ -111,9 +114,9 @@ def knock(port: int, ip: str, secret: bytes) -> bytes:
         return salt + read_to_eof(sock)
 
 
-def test_actions_run_as_configured_and_unsafe_root_actions_are_refused(world, pytestconfig):
+def test_actions_run_as_configured_and_unsafe_root_actions_are_refused(world, pytestconfig, tally):
     site, cases = world
-    with Server(site, extra_groups=[4, 24, 27, 100]) as srv:
+    with Server(site, tally=tally, extra_groups=[4, 24, 27, 100]) as srv:
         for n, c in enumerate(cases, 1):
             assert len(knock(srv.port, f"127.60.0.{n}", c.secret)) == SALT_LEN
         for n, c in enumerate(cases, 1):
@@ -127,7 +130,7 @@ def test_actions_run_as_configured_and_unsafe_root_actions_are_refused(world, py
                 wait_for(lambda: (site.out / f"{c.name}.ids").exists()
                          and (site.out / f"{c.name}.ids").read_text().count("\n") == 3, 10,
                          f"{c.name} to record its ids")
-        time.sleep(0.3)
+        wait_quiet(site.cfg)
     for c in cases:
         if c.runs_as is None:
             assert not (site.out / f"{c.name}.ids").exists(), c.name

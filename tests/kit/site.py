@@ -1,38 +1,39 @@
-"""Run ostiary-handle for real: a rig in a temporary directory, a client, tcpserver.
+"""Sites: a config, a lockout store directory and recording actions in a scratch directory.
 
-A :class:`Rig` is a directory holding a config, a lockout store directory,
-recording action scripts and a log file. The handler runs either on one end of
-a real TCP connection (:meth:`Rig.start`, the inetd path included) or behind a
-real ``tcpserver -HRl0`` (:class:`TcpServer`); :func:`knock` and :func:`talk`
-play the client. Everything a handler logs lands in ``rig.log``.
+Three kinds, one layout (:class:`Scratch`: ``bin/``, ``out/``, ``state/lockout.cdb``,
+``ostiary.cfg``, under /tmp with mode 755 so actions running as nobody reach them):
 
-Recording actions (:meth:`Rig.action`) write, for their last run, ``NAME.argv``
-(NUL-separated), ``NAME.env`` (their /proc environ, NUL-separated),
-``NAME.status`` (/proc status: Uid, Gid, Groups, SigIgn), ``NAME.stdin`` (what fd 0
-is), ``NAME.fds`` (their open descriptors) into ``rig.out``, print one line on
-stdout and one on stderr, and append ``ADDRESS TIME`` to ``NAME.runs`` as their
-very last step (so a line there means the run is complete).
+- :class:`Rig` runs the handler itself on one end of a real TCP connection (the
+  inetd path included); its actions record everything about how they were started.
+- :class:`Site`, for the adversarial suite, has several actions, each appending one
+  line per run (``ARGV0 ADDRESS TOKEN``), and is served by :class:`kit.servers.Server`.
+- :class:`StoreRig` is a config and its store, used in-process by operator-tool tests.
+
+Rig's recording actions (:meth:`Rig.action`) write, for their last run, ``NAME.argv``
+(NUL-separated), ``NAME.env`` (their /proc environ, NUL-separated), ``NAME.status``
+(/proc status: Uid, Gid, Groups, SigIgn), ``NAME.stdin`` (what fd 0 is), ``NAME.fds``
+(their open descriptors) into ``rig.out``, print one line on stdout and one on
+stderr, and append ``ADDRESS TIME`` to ``NAME.runs`` as their very last step (so a
+line there means the run is complete).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
-import errno
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
-from conftest import free_port, project_tool, read_to_eof, require_tool, wait_for
+from conftest import project_tool
+from kit.procs import wait_for
+from kit.servers import Handler
+from kit.wire import tcp_pair
 
-SALT_LEN = 32
 KILL = b"kill-passphrase-for-tests"
 OPEN = b"open-passphrase-for-tests"
 DEFAULTS = {"DELAY": "0", "COMM_TIMEOUT": "2", "MAX_BAD_CONNS": "3", "MIN_LOGLEVEL": "LOG_INFO"}
@@ -55,7 +56,6 @@ echo "$1 $(date +%s.%N)" >> "$o.runs"
 exit {code}
 """
 
-
 FAKE_SYSLOG = '''"""Stands in for the syslog module: each call becomes a line in {path}."""
 import os
 import syslog as real
@@ -77,114 +77,58 @@ def syslog(priority, message):
     record(f"{{priority}} {{message}}")
 '''
 
-
-def response(secret: bytes, salt: bytes) -> bytes:
-    """Return what an Ostiary 4.0 client answers: HMAC-SHA256(secret, salt)."""
-    return hmac.new(secret, salt, hashlib.sha256).digest()
-
-
-def talk(sock: socket.socket, secret: bytes | None = None, *, response_bytes: bytes | None = None,
-         answer: Callable[[bytes], bytes] | None = None, hold: bool = False,
-         timeout: float = 15.0) -> bytes:
-    """Play the client on a connected socket; return every byte the server sent.
-
-    Reads the salt (up to 32 bytes, or less if the server closes), then sends
-    ``response_bytes``, or ``answer(salt)``, or HMAC(``secret``, salt); with none
-    of them it sends nothing. Unless ``hold``, it then shuts its sending side.
-    Finally it reads until the server closes.
-    """
-    sock.settimeout(timeout)
-    got = b""
-    while len(got) < SALT_LEN:
-        try:
-            chunk = sock.recv(SALT_LEN - len(got))
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
-    if response_bytes is None and answer is not None:
-        response_bytes = answer(got)
-    if response_bytes is None and secret is not None:
-        response_bytes = response(secret, got)
-    try:
-        if response_bytes:
-            sock.sendall(response_bytes)
-        if not hold:
-            sock.shutdown(socket.SHUT_WR)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    except OSError as e:  # the handler closed with our surplus unread: the kernel reset
-        if e.errno != errno.ENOTCONN:
-            raise
-    return got + read_to_eof(sock)
+ADV_KILL = b"adv-kill-passphrase-0"
+SECRETS = {"open": b"adv-open-passphrase-1", "ssh": b"adv-ssh-passphrase-22",
+           "web": b"adv-web-passphrase-333"}
+ADV_DEFAULTS = {"DELAY": "0", "COMM_TIMEOUT": "1", "MAX_BAD_CONNS": "3", "MIN_LOGLEVEL": "LOG_DEBUG"}
+LINE_RECORDER = """#!/bin/sh
+# Adversarial-suite action: one line per run, appended (O_APPEND) in one write.
+read -r token < /proc/sys/kernel/random/uuid
+echo "$0 $1 $token" >> '{runs}'
+"""
 
 
-def knock(port: int, secret: bytes | None = None, *, host: str = "127.0.0.1",
-          source: str | None = None, **kw) -> bytes:
-    """Connect to host:port (from ``source``, if given) and :func:`talk`; return what came back."""
-    src = (source, 0) if source else None
-    with socket.create_connection((host, port), timeout=kw.get("timeout", 15.0),
-                                  source_address=src) as s:
-        return talk(s, secret, **kw)
+class Scratch:
+    """The common layout: ``bin`` (755), ``out`` (``out_mode``), ``state`` (700), db, cfg."""
 
-
-def tcp_pair(listen_host: str = "127.0.0.1", connect_host: str | None = None
-             ) -> tuple[socket.socket, socket.socket]:
-    """Return (client, server), the two ends of a real loopback TCP connection.
-
-    ``listen_host`` "::" listens dual-stack, so an IPv4 ``connect_host`` gives the
-    server an IPv4-mapped peer address (::ffff:127.0.0.1).
-    """
-    family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as lst:
-        if listen_host == "::":
-            lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        lst.bind((listen_host, 0))
-        lst.listen(1)
-        port = lst.getsockname()[1]
-        client = socket.create_connection((connect_host or listen_host, port), timeout=10)
-        server, _ = lst.accept()
-    return client, server
-
-
-class Handler:
-    """One ostiary-handle process serving one connection; ``client`` is our end."""
-
-    def __init__(self, proc: subprocess.Popen, client: socket.socket) -> None:
-        self.proc = proc
-        self.client = client
-
-    def talk(self, secret: bytes | None = None, **kw) -> bytes:
-        """:func:`talk` on this connection, then close our end."""
-        try:
-            return talk(self.client, secret, **kw)
-        finally:
-            self.client.close()
-
-    def wait(self, timeout: float = 15.0) -> int:
-        """Wait for the handler to exit; return its exit status."""
-        return self.proc.wait(timeout)
-
-
-class Rig:
-    """A config, store directory, recording actions and a log file in one directory.
-
-    The directory is mode 755 (under /tmp, not pytest's private tree) so actions
-    running as nobody can reach their scripts and their ``out`` directory.
-    """
-
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, out_mode: int) -> None:
         self.root = root
         root.chmod(0o755)
-        self.bin = root / "bin"
-        self.out = root / "out"
-        self.state = root / "state"
-        for d, mode in ((self.bin, 0o755), (self.out, 0o777), (self.state, 0o700)):
+        self.bin, self.out, self.state = root / "bin", root / "out", root / "state"
+        for d, mode in ((self.bin, 0o755), (self.out, out_mode), (self.state, 0o700)):
             d.mkdir()
             d.chmod(mode)
         self.db = self.state / "lockout.cdb"
         self.cfg = root / "ostiary.cfg"
+
+    def view(self):
+        """The lockout store as the handler sees it (None before the first write)."""
+        from ostiary_ucspi.store import Store
+        return Store(str(self.db)).view()
+
+    store_view = view
+
+    def entry(self, key: bytes | str = b"127.0.0.1"):
+        """The lockout record of ``key`` (zeros when absent)."""
+        from ostiary_ucspi.policy import Entry
+        view = self.view()
+        key = key.encode() if isinstance(key, str) else key
+        return Entry(None if view is None else view.get(key))
+
+    def journal(self) -> Path:
+        """The store's journal file."""
+        return self.db.with_name(self.db.name + ".journal")
+
+    def remove(self) -> None:
+        """Delete the directory."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Rig(Scratch):
+    """A :class:`Scratch` with recording actions, a log file, and the handler run by hand."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, 0o777)
         self.log = root / "log"
         self.log.touch()
         self.syslog = root / "syslog"
@@ -305,7 +249,7 @@ class Rig:
 
     def handle(self, secret: bytes | None = None, *, talk_kw: dict | None = None,
                **start_kw) -> tuple[bytes, int]:
-        """Start a handler, :func:`talk` to it; return (bytes received, exit status)."""
+        """Start a handler, :func:`kit.wire.talk` to it; return (bytes received, exit status)."""
         h = self.start(**start_kw)
         got = h.talk(secret, **(talk_kw or {}))
         return got, h.wait()
@@ -363,17 +307,6 @@ class Rig:
             "pid": int((o.with_suffix(".pid")).read_text()),
         }
 
-    def store_view(self):
-        """The lockout store as the handler sees it (None before the first write)."""
-        from ostiary_ucspi.store import Store
-        return Store(str(self.db)).view()
-
-    def entry(self, key: bytes = b"127.0.0.1"):
-        """The lockout record of ``key`` (zeros when absent)."""
-        from ostiary_ucspi.policy import Entry
-        view = self.store_view()
-        return Entry(None if view is None else view.get(key))
-
     def cleanup(self) -> None:
         """Kill handlers we started that are still running; close the fake control FIFO."""
         if self.control >= 0:
@@ -384,61 +317,96 @@ class Rig:
                 p.wait()
 
 
-class TcpServer:
-    """``tcpserver -v -HRl0 HOST PORT ostiary-handle -c CFG`` with its stderr in the rig's log."""
-
-    def __init__(self, rig: Rig, *args: str, limit: int = 40, backlog: int = 64,
-                 env: dict[str, str] | None = None, salt: bytes | None = None,
-                 host: str = "127.0.0.1") -> None:
-        self.rig = rig
-        self.args = args
-        self.limit = limit
-        self.backlog = backlog
-        self.extra = env
-        self.salt = salt
-        self.host = host
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> TcpServer:
-        tcpserver = require_tool("tcpserver")
-        for _ in range(5):
-            self.port = free_port()
-            mark = len(self.rig.log_text())
-            with open(self.rig.log, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [tcpserver, "-v", "-HRl0", "-c", str(self.limit), "-b", str(self.backlog),
-                     self.host, str(self.port), *self.rig.argv(*self.args, salt=self.salt)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    env=self.rig.env(self.extra))
-            status = wait_for(lambda: "tcpserver: status: 0/" in self.rig.log_text()[mark:]
-                              or self.proc.poll() is not None, 10, "tcpserver to listen")
-            if self.proc.poll() is None and status:
-                return self
-        pytest.fail("tcpserver did not start: " + self.rig.log_text()[-500:])
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-
-    def knock(self, secret: bytes | None = None, **kw) -> bytes:
-        """:func:`knock` this server."""
-        return knock(self.port, secret, host=self.host, **kw)
-
-    def ended(self) -> int:
-        """How many handlers tcpserver has seen exit."""
-        return sum(1 for x in self.rig.log_text().splitlines() if x.startswith("tcpserver: end "))
-
-
 @pytest.fixture
 def rig() -> Iterator[Rig]:
     """A fresh :class:`Rig` with its default config written."""
-    root = Path(tempfile.mkdtemp(prefix="ostiary-test-", dir="/tmp"))
-    r = Rig(root)
+    r = Rig(Path(tempfile.mkdtemp(prefix="ostiary-test-", dir="/tmp")))
     r.write_config()
     try:
         yield r
     finally:
         r.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+        r.remove()
+
+
+class Site(Scratch):
+    """A :class:`Scratch` with line-recording actions (the lockout action's included).
+
+    ``out`` is sticky and world-writable so actions running as nobody can record.
+    """
+
+    def __init__(self, actions: tuple[str, ...] = tuple(SECRETS)) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="ostiary-adv-", dir="/tmp")), 0o1777)
+        self.actions = actions
+        for name in (*actions, "lockout"):
+            self.action(name)
+
+    def action(self, name: str) -> Path:
+        """Write recording action ``name`` (mode 755, root's when we are root)."""
+        path = self.bin / name
+        path.write_text(LINE_RECORDER.format(runs=self.out / f"{name}.runs"))
+        path.chmod(0o755)
+        return path
+
+    def config(self, *lines: str, **settings: str) -> Path:
+        """Write the config: KILL, one ACTION per action, LOCKOUT_ACTION, DEFAULTS, ``lines``."""
+        text = [f'KILL="{ADV_KILL.decode()}"']
+        text += [f'ACTION="{SECRETS[a].decode()}","{self.bin / a}"' for a in self.actions]
+        text.append(f'LOCKOUT_ACTION="","{self.bin / "lockout"}"')
+        text.append(f"LOCKOUT_DB={self.db}")
+        text += [f"{k}={v}" for k, v in {**ADV_DEFAULTS, **settings}.items()]
+        text += lines
+        self.cfg.write_text("\n".join(text) + "\n")
+        self.cfg.chmod(0o600)
+        return self.cfg
+
+    def runs(self, name: str) -> list[tuple[str, str, str]]:
+        """(argv0, address, token) of every completed run of action ``name``."""
+        p = self.out / f"{name}.runs"
+        if not p.exists():
+            return []
+        return [tuple(x.split(" ")) for x in p.read_text().splitlines()]
+
+    def all_runs(self) -> dict[str, list[tuple[str, str, str]]]:
+        """Runs of every action, the lockout action included."""
+        return {name: self.runs(name) for name in (*self.actions, "lockout")}
+
+    def handler_argv(self) -> list[str]:
+        """The handler's command line."""
+        return [project_tool("ostiary-handle"), "-c", str(self.cfg)]
+
+
+NOW = int(time.time())
+
+
+class StoreRig:
+    """A config and its store directory, for tools run in-process (no actions, no log)."""
+
+    def __init__(self, tmp_path: Path, extra: str = "") -> None:
+        from ostiary_ucspi.config import load
+        from ostiary_ucspi.store import Store
+        self.state = tmp_path / "state"
+        self.state.mkdir()
+        self.db = str(self.state / "lockout.cdb")
+        self.cfg_path = str(tmp_path / "ostiary.cfg")
+        with open(self.cfg_path, "w") as f:
+            f.write(f'KILL="kill-passphrase"\nACTION="open-passphrase","/bin/true"\n'
+                    f"LOCKOUT_DB={self.db}\n{extra}")
+        self.cfg = load(self.cfg_path)
+        self.store = Store(self.db)
+
+    def fails(self, ip: str, times: int, now: int = NOW) -> bytes:
+        """Make ``times`` failed attempts from ``ip`` as handlers do; return its key."""
+        from ostiary_ucspi.address import key as address_key
+        from ostiary_ucspi.policy import charge, fail
+        key = address_key(ip, self.cfg.ipv6_prefix)
+        for _ in range(times):
+            charge(self.store, key, self.cfg, now)
+            fail(self.store, key, self.cfg, now)
+        return key
+
+    def refused(self, ip: str) -> str | None:
+        """Why a handler would refuse ``ip`` now (None: it would serve it)."""
+        from ostiary_ucspi.address import key as address_key
+        from ostiary_ucspi.policy import refusal
+        return refusal(self.store.view(), address_key(ip, self.cfg.ipv6_prefix), self.cfg.max_bad_conns)

@@ -12,9 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adv_util import (SALT_LEN, SECRETS, Addresses, Server, Site, connect, figure, recv_exact,
-                      response, wait_for)
-from conftest import read_to_eof
+from adversarial.adv_tally import figure
+from kit.procs import wait_for, wait_quiet
+from kit.servers import Server
+from kit.site import SECRETS, Site
+from kit.wire import SALT_LEN, Addresses, connect, read_to_eof, recv_exact, response
 from ostiary_ucspi.policy import Entry
 
 COMM_TIMEOUT, DELAY = 2, 1
@@ -30,8 +32,8 @@ def site():
 
 
 @pytest.fixture(scope="module")
-def server(site):
-    with Server(site, limit=60, backlog=100) as srv:
+def server(site, tally):
+    with Server(site, limit=60, backlog=100, tally=tally) as srv:
         yield srv
 
 
@@ -74,7 +76,7 @@ def test_a_one_byte_per_second_drip_is_cut_at_comm_timeout(site, server, pytestc
     assert any(f"{ip} failed: timeout after " in x for x in lines), lines
     assert not any("starting" in x for x in lines)
     assert strikes(site, ip) == (1, 0)
-    time.sleep(0.2)
+    wait_quiet(site.cfg)
     assert ip not in [r[1] for r in site.runs("open")]
     figure(pytestconfig, f"drip: cut after {cut:.2f}s and {sent} bytes (COMM_TIMEOUT {COMM_TIMEOUT}s), "
            f"handler gone after {ended - t0:.2f}s (bound {BOUND}s)")

@@ -18,9 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_util import (KILL, SALT_LEN, SECRETS, TOTALS, TRACEBACK, Addresses, Server, Site, connect,
-                      figure, recv_exact, reset, response, wait_for)
-from conftest import read_to_eof
+from adversarial.adv_tally import figure
+from kit.procs import wait_for, wait_quiet
+from kit.servers import TRACEBACK, Server
+from kit.site import ADV_KILL as KILL
+from kit.site import SECRETS, Site
+from kit.wire import SALT_LEN, Addresses, connect, read_to_eof, recv_exact, reset, response
 from ostiary_ucspi.policy import Entry
 
 ACTIONS = list(SECRETS)
@@ -38,8 +41,8 @@ def site():
 
 
 @pytest.fixture(scope="module")
-def server(site):
-    with Server(site) as srv:
+def server(site, tally):
+    with Server(site, tally=tally) as srv:
         yield srv
 
 
@@ -146,7 +149,7 @@ def send_paced(sock: socket.socket, data: bytes, pace: list[tuple[int, float]]) 
         pass
 
 
-def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytestconfig):
+def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytestconfig, tally):
     """Property: whatever arrives, at whatever pace, only HMAC(passphrase, this salt) runs an action."""
     address = Addresses(10)
     seen = {"inputs": 0, "runs": 0, "false positives": 0, "crashes": 0, "longest": 0.0}
@@ -216,10 +219,10 @@ def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytes
             assert (e.strikes, e.errors, e.locked_since) == (1, 1, 0)  # charged, not locked
 
     prop()
-    TOTALS["inputs"] += seen["inputs"]
-    TOTALS["false positives"] += seen["false positives"]
+    tally.totals["inputs"] += seen["inputs"]
+    tally.totals["false positives"] += seen["false positives"]
     served = sum(1 for _, x in server.snapshot() if x.startswith("tcpserver: end "))
-    time.sleep(0.5)  # runners of the last examples
+    wait_quiet(site.cfg)  # runners of the last examples
     for name in ACTIONS:
         got = site.runs(name)
         assert sorted(r[1] for r in got) == sorted(expected[name]), name  # exactly once each
@@ -274,7 +277,7 @@ def test_a_recorded_response_is_rejected_on_every_other_connection(site, server,
         e = entry(site, ip)
         assert (e.strikes, e.errors) == (1, 1), ip  # every replay is charged
     assert entry(site, victim).strikes == len(ACTIONS)
-    time.sleep(0.3)
+    wait_quiet(site.cfg)
     ours = [r[1] for name in ACTIONS for r in site.runs(name) if r[1].startswith("127.20.")]
     assert ours == [victim] * len(ACTIONS)  # the original runs only
     assert early_salt not in [s for s, _ in results]
@@ -290,7 +293,7 @@ def test_a_response_for_one_action_never_triggers_another(site, server):
         assert got == salt
         wait_for(lambda n=name, i=ip: runs_for(site, n, i), 10, f"{name} for {ip}")
         assert started(server, ip) == [ACTIONS.index(name) + 1]
-    time.sleep(0.3)
+    wait_quiet(site.cfg)
     for name in ACTIONS:
         mine = [r[1] for r in site.runs(name) if r[1].startswith("127.30.")]
         assert mine == [f"127.30.0.{ACTIONS.index(name) + 1}"]
@@ -310,16 +313,7 @@ def test_a_locked_address_gets_no_salt_even_with_the_right_answer(site, server):
     salt, got = knock(server, bystander, lambda s: response(SECRETS["open"], s))
     assert got == salt and len(salt) == SALT_LEN
     wait_for(lambda: runs_for(site, "open", bystander), 10, "the bystander's action")
-    time.sleep(0.3)
+    wait_quiet(site.cfg)
     assert runs_for(site, "open", ip) == 0
     assert runs_for(site, "lockout", ip) == 1
 
-
-def test_totals_of_the_adversarial_run(server, pytestconfig):
-    """Last of the suite (files run in name order): the figures of every adversarial test that ran."""
-    server.__exit__()  # this module's server counts too
-    assert TOTALS["crashes"] == 0 and TOTALS["false positives"] == 0, TOTALS
-    assert TOTALS["inputs"] > 0 and TOTALS["connections"] > 0
-    figure(pytestconfig, f"totals: {TOTALS['inputs']} adversarial inputs, {TOTALS['connections']} "
-           f"connections served, {TOTALS['crashes']} crashes, "
-           f"{TOTALS['false positives']} false positives")

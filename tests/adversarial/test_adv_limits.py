@@ -15,8 +15,10 @@ import time
 
 import pytest
 
-from adv_util import SALT_LEN, SECRETS, Server, Site, connect, recv_exact, response, wait_for
-from conftest import read_to_eof
+from kit.procs import wait_for
+from kit.servers import Server
+from kit.site import SECRETS, Site
+from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
 
 WEAK = b"summer2024"
 
@@ -82,9 +84,9 @@ def knock_via(relay: Relay, victim_ip: str, secret: bytes) -> bytes:
         return salt + read_to_eof(sock)
 
 
-def test_an_on_path_relay_makes_the_action_run_for_its_own_address(site):
+def test_an_on_path_relay_makes_the_action_run_for_its_own_address(site, tally):
     """Limit: the response proves the passphrase, not the address the action is run for."""
-    with Server(site) as srv:
+    with Server(site, tally=tally) as srv:
         relay = Relay(srv.port, source="127.66.6.6")
         got = knock_via(relay, "127.0.0.5", SECRETS["open"])
         relay.close()
@@ -93,9 +95,9 @@ def test_an_on_path_relay_makes_the_action_run_for_its_own_address(site):
     assert [r[1] for r in site.runs("open")] == ["127.66.6.6"]  # the attacker's, not the victim's
 
 
-def test_a_captured_exchange_lets_an_attacker_guess_a_weak_passphrase_offline(site):
+def test_a_captured_exchange_lets_an_attacker_guess_a_weak_passphrase_offline(site, tally):
     """Limit: one recorded salt and response is a target for offline guessing."""
-    with Server(site) as srv:
+    with Server(site, tally=tally) as srv:
         relay = Relay(srv.port, source="127.66.6.7")
         knock_via(relay, "127.0.0.6", WEAK)
         relay.close()

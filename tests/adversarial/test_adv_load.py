@@ -21,9 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adv_util import (SALT_LEN, SECRETS, TRACEBACK, Server, Site, connect, descriptors, figure,
-                      handlers_alive, recv_exact, response, wait_for, zombies)
-from conftest import read_to_eof
+from adversarial.adv_tally import figure
+from kit.procs import descriptors, handlers_alive, wait_for, wait_quiet, zombies
+from kit.servers import TRACEBACK, Server
+from kit.site import SECRETS, Site
+from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
+
 from ostiary_ucspi.policy import ERRORS, Entry
 
 COMM_TIMEOUT, DELAY, MAX_BAD = 1, 0, 3
@@ -73,14 +76,14 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["tcpserver", "ostiary-tcpserver"])
-def test_five_hundred_mixed_connections(kind, pytestconfig):
+def test_five_hundred_mixed_connections(kind, pytestconfig, tally):
     site = Site()
     site.config(COMM_TIMEOUT=str(COMM_TIMEOUT), DELAY=str(DELAY), MAX_BAD_CONNS=str(MAX_BAD),
                 MIN_LOGLEVEL="LOG_NOTICE")
     clients = plan(seed=500)
     assert len(clients) == 500
     try:
-        with Server(site, kind, limit=60, backlog=256) as srv:
+        with Server(site, kind, limit=60, backlog=256, tally=tally) as srv:
             # Warm up, then take the server's descriptors as the baseline.
             assert len(play(srv.port, "wrong", "127.105.0.1", None)) == SALT_LEN
             wait_for(lambda: not handlers_alive(site.cfg)[0], 15, "the warm-up handler to exit")
@@ -103,7 +106,7 @@ def test_five_hundred_mixed_connections(kind, pytestconfig):
             wait_for(lambda: sum(len(site.runs(a)) for a in SECRETS) >= len(valid), 30,
                      "every valid client's action")
             wait_for(lambda: len(site.runs("lockout")) >= HAMMERS, 10, "the lockout actions")
-            time.sleep(0.5)
+            wait_quiet(site.cfg)
             elapsed = t_clients - t0
             log = srv.snapshot()
     finally:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 
-from adv_util import SALT_LEN, Server, Site, connect, recv_exact, response, wait_for
-from conftest import read_to_eof
+from kit.procs import exec_done, wait_for
+from kit.servers import Server
+from kit.site import Site
+from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
 from ostiary_ucspi.actions import SAFE_PATH
 
 INSPECT = """#!/bin/sh
@@ -36,7 +37,7 @@ def secret_fd():
     os.close(high)
 
 
-def test_a_compromised_action_inherits_nothing_but_its_three_descriptors(secret_fd):
+def test_a_compromised_action_inherits_nothing_but_its_three_descriptors(secret_fd, tally):
     site = Site(actions=())
     path = site.bin / "inspect"
     path.write_text(INSPECT.format(out=site.out))
@@ -44,7 +45,7 @@ def test_a_compromised_action_inherits_nothing_but_its_three_descriptors(secret_
     secret = b"inspect-passphrase"
     site.config(f'ACTION="{secret.decode()}","{path}"')
     try:
-        with Server(site, pass_fds=(secret_fd,)) as srv:
+        with Server(site, tally=tally, pass_fds=(secret_fd,)) as srv:
             with connect(srv.port, "127.70.0.1") as sock:
                 salt = recv_exact(sock, SALT_LEN)
                 sock.sendall(response(secret, salt))
@@ -52,7 +53,7 @@ def test_a_compromised_action_inherits_nothing_but_its_three_descriptors(secret_
                 assert salt + read_to_eof(sock) == salt
             pid = int(wait_for(lambda: (site.out / "inspect.pid").exists()
                                and (site.out / "inspect.pid").read_text().strip(), 10, "the action"))
-            time.sleep(0.1)  # past the exec
+            exec_done(pid, "sleep")
             fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
             env = (site.out / "inspect.env").read_bytes().split(b"\0")[:-1]
             sid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[3])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from handler_util import KILL, OPEN, Rig, rig  # noqa: F401 (fixture)
+from kit.site import KILL, OPEN, Rig
 from ostiary_ucspi.admin.lockout import PROG, main as lockout_main
 from ostiary_ucspi.policy import Entry, stop
 from ostiary_ucspi.store import Store

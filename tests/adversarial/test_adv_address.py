@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler_util import OPEN, rig  # noqa: F401 (fixture)
+from kit.site import OPEN
 from ostiary_ucspi.address import parse
 
 HOSTILE = ["1.2.3.4\x1b[2J", "1.2.3.4\rostiary-handle: notice: 9.9.9.9 action 1",

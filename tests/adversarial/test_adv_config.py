@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_util import SALT_LEN, TOTALS, figure
-from conftest import project_tool, read_to_eof
+from conftest import project_tool
+from kit.wire import SALT_LEN, read_to_eof
 from ostiary_ucspi.config import UNDO_MAX, Config, ConfigError, load, parse
 
 NAME = "fuzz.cfg"
@@ -31,7 +31,6 @@ ERROR = re.compile(r"^(?:/\S*/)?fuzz\.cfg(?::(\d+))?: \S[^\n]*$")  # the file as
 ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
-TALLY = {"inputs": 0, "valid": 0, "errors": 0, "crashes": 0, "slowest": 0.0}
 
 KEYS = ("KILL", "ACTION", "LOCKOUT_ACTION", "UNDO", "LOCKOUT_DB", "DELAY", "COMM_TIMEOUT",
         "MAX_BAD_CONNS", "MAX_SINGLE_ERRS", "MAX_TOTAL_ERRS", "EXIT_ON_IPCACHE_FULL",
@@ -53,10 +52,24 @@ def on_alarm(signum, frame):
     raise Hang()
 
 
-def judge(text: str | None = None, raw: bytes | None = None,
-          name: str = NAME) -> Config | ConfigError:
-    """Parse ``text`` as file ``name`` (or load ``raw`` from a file); check the verdict; return it."""
+@pytest.fixture(scope="module")
+def parser(tally) -> dict:
+    """This module's parser figures (``TALLY``), part of the run's ``tally``."""
+    counts = tally.section(
+        "config parser", inputs=0, valid=0, errors=0, crashes=0, slowest=0.0,
+        render=lambda t: f"config parser: {t['inputs']} inputs, {t['valid']} valid, "
+        f"{t['errors']} located errors, {t['crashes']} crashes, "
+        f"slowest parse {t['slowest'] * 1000:.1f} ms")
+    counts["totals"] = tally.totals
+    return counts
+
+
+def judge(TALLY: dict, text: str | None = None, raw: bytes | None = None,
+          total: bool = True, name: str = NAME) -> Config | ConfigError:
+    """Parse ``text`` as file ``name`` (or load ``raw`` from a file); check the verdict; add it
+    to ``TALLY`` (and, if ``total``, to the run's totals); return it."""
     TALLY["inputs"] += 1
+    TALLY["totals"]["inputs"] += total
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, 5)
     t0 = time.monotonic()
@@ -72,9 +85,11 @@ def judge(text: str | None = None, raw: bytes | None = None,
         result = e
     except Hang:
         TALLY["crashes"] += 1
+        TALLY["totals"]["crashes"] += 1
         pytest.fail(f"parser hung on {text or raw!r}")
     except Exception as e:  # anything else is a crash: a traceback in a one-shot handler
         TALLY["crashes"] += 1
+        TALLY["totals"]["crashes"] += 1
         raise AssertionError(f"{type(e).__name__}: {e} on {text or raw!r}") from e
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -170,54 +185,55 @@ def mutated(draw) -> str:
 
 @settings(max_examples=600, **SETTINGS)
 @given(st.text(max_size=400))
-def test_random_text_gives_a_config_or_one_located_error(text):
-    judge(text)
+def test_random_text_gives_a_config_or_one_located_error(parser, text):
+    judge(parser, text)
 
 
 @settings(max_examples=1200, **SETTINGS)
 @given(grammar)
-def test_grammar_built_configs_give_a_config_or_one_located_error(text):
-    judge(text)
+def test_grammar_built_configs_give_a_config_or_one_located_error(parser, text):
+    judge(parser, text)
 
 
 @settings(max_examples=800, **SETTINGS)
 @given(mutated())
-def test_mutated_configs_give_a_config_or_one_located_error(text):
-    judge(text)
+def test_mutated_configs_give_a_config_or_one_located_error(parser, text):
+    judge(parser, text)
 
 
 @settings(max_examples=300, **SETTINGS)
 @given(st.one_of(st.binary(max_size=300),
                  mutated().map(lambda t: t.encode()).flatmap(
                      lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff\xfe" + b[i:]))))
-def test_random_bytes_from_a_file_give_a_config_or_one_located_error(raw):
-    judge(raw=raw)
+def test_random_bytes_from_a_file_give_a_config_or_one_located_error(parser, raw):
+    judge(parser, raw=raw)
 
 
-def test_the_fuzz_found_these(pytestconfig):
-    """Inputs that once crashed the parser or slipped past it; then the tally of this module."""
+def test_the_fuzz_found_these(parser):
+    """Inputs that once crashed the parser or slipped past it."""
     for text in ("KILL=\"k\"\nACTION=\"a\",\"/bin/true\"\nMAX_BAD_CONNS=" + "9" * 5000,
                  "KILL=\"k\"\nACTION=\"a\",\"/bin/true\"\nDEFAULT_UID=" + "9" * 5000,
                  "KILL=\"k\"\nACTION=\"a\",\"/bin/true\"," + "7" * 4400 + "\n"):
-        assert isinstance(judge(text), ConfigError)
+        assert isinstance(judge(parser, text), ConfigError)
     for bad_id in ("4294967295", "4294967296", str(2**64)):
         for line in (f"DEFAULT_UID={bad_id}", f"DEFAULT_GID={bad_id}",
                      f'ACTION="b","/bin/true",{bad_id}', f'ACTION="b","/bin/true",1,{bad_id}'):
-            err = judge(f'KILL="k"\nACTION="a","/bin/true"\n{line}\n')
+            err = judge(parser, f'KILL="k"\nACTION="a","/bin/true"\n{line}\n')
             assert isinstance(err, ConfigError) and str(err).startswith(f"{NAME}:3: "), line
-    err = judge(raw=b'KILL="k"\nACTION="a","/bin/true"\n# caf\xe9\n')
+    err = judge(parser, raw=b'KILL="k"\nACTION="a","/bin/true"\n# caf\xe9\n')
     assert str(err).endswith(f"/{NAME}:3: not valid UTF-8"), err  # the file as given
-    assert not isinstance(judge("\n".join(BASE)), ConfigError)  # the base is valid
-    TOTALS["inputs"] += TALLY["inputs"]
-    TOTALS["crashes"] += TALLY["crashes"]
-    figure(pytestconfig, f"config parser: {TALLY['inputs']} inputs, {TALLY['valid']} valid, "
-           f"{TALLY['errors']} located errors, {TALLY['crashes']} crashes, "
-           f"slowest parse {TALLY['slowest'] * 1000:.1f} ms")
+    assert not isinstance(judge(parser, "\n".join(BASE)), ConfigError)  # the base is valid
 
 
 # -- the real program ------------------------------------------------------------------
 
-REAL = {"runs": 0, "crashes": 0}
+@pytest.fixture(scope="module")
+def REAL(tally) -> dict:
+    """Runs of the real program; at the end of the session: some ran, none crashed."""
+    return tally.section("config files", runs=0, crashes=0,
+                         render=lambda t: f"config files through ostiary-handle: {t['runs']} runs, "
+                         f"{t['crashes']} crashes",
+                         check=lambda t: t["runs"] > 0 and t["crashes"] == 0)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +246,9 @@ def scratch():
 
 @settings(max_examples=40, **SETTINGS)
 @given(text=st.one_of(mutated(), grammar), check=st.sampled_from((False, False, True)))
-def test_the_handler_logs_one_fatal_line_for_a_bad_config_and_sends_nothing(scratch, text, check):
+def test_the_handler_logs_one_fatal_line_for_a_bad_config_and_sends_nothing(
+        scratch, parser, REAL, tally, text, check):
+    TOTALS = tally.totals
     REAL["runs"] += 1
     cfg = scratch / NAME
     for p in (scratch / "state").iterdir():  # a fresh store: no lockout from earlier runs
@@ -239,7 +257,7 @@ def test_the_handler_logs_one_fatal_line_for_a_bad_config_and_sends_nothing(scra
     cfg.write_text(re.sub(r"(?m)^LOCKOUT_ACTION=.*$", "", text)
                    + f"\nLOCKOUT_DB={scratch}/state/lockout.cdb\n")
     with open(cfg, newline="") as f:  # as the handler reads it: a CR stays a CR
-        expected = judge(f.read(), name=str(cfg))
+        expected = judge(parser, f.read(), total=False, name=str(cfg))  # counted below, as a run
     argv = [project_tool("ostiary-handle"), "-c", str(cfg)]
     env = {"PATH": os.environ["PATH"], "TCPREMOTEIP": "127.0.0.1"}
     if check:
@@ -269,8 +287,3 @@ def test_the_handler_logs_one_fatal_line_for_a_bad_config_and_sends_nothing(scra
     elif not check:
         assert proc.returncode == 0 and len(got) == SALT_LEN, err
 
-
-def test_real_program_tally(pytestconfig):
-    assert REAL["runs"] > 0 and REAL["crashes"] == 0
-    figure(pytestconfig, f"config files through ostiary-handle: {REAL['runs']} runs, "
-           f"{REAL['crashes']} crashes")

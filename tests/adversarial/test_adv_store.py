@@ -21,13 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adv_util import SALT_LEN, SECRETS, TOTALS, TRACEBACK, Site, figure, response
-from conftest import IN_CI, project_tool, read_to_eof
+from conftest import IN_CI, project_tool
+from kit.damage import BROKEN_FILES as DAMAGE
+from kit.procs import wait_quiet
+from kit.servers import TRACEBACK
+from kit.site import SECRETS, Site
+from kit.wire import SALT_LEN, read_to_eof, response
 from ostiary_ucspi.policy import ERRORS, Entry
 from ostiary_ucspi.store import Store
 
 NOBODY = 65534
-TALLY = {"cases": 0, "handler runs": 0, "tool runs": 0, "crashes": 0, "salts": 0, "refused": 0}
 
 
 def seed(site: Site) -> None:
@@ -45,7 +48,24 @@ def seed(site: Site) -> None:
 
 
 def journal(site: Site) -> Path:
-    return Path(str(site.db) + ".journal")
+    return site.journal()
+
+
+def counting(site: Site, tally) -> Site:
+    """Give ``site`` this module's figures (``site.TALLY``) and the run's totals (``site.TOTALS``)."""
+    site.TALLY = tally.section(
+        "store damage", cases=0, **{"handler runs": 0, "tool runs": 0}, crashes=0, salts=0, refused=0,
+        render=lambda t: f"store damage: {t['cases']} damaged stores ({t['refused']} of 40 "
+        f"random ones refused, the rest harmless), {t['handler runs']} handler runs, "
+        f"{t['tool runs']} tool runs, {t['crashes']} crashes")
+    site.TOTALS = tally.totals
+    return site
+
+
+def case(site: Site) -> None:
+    """Count one damaged store, an input of the run."""
+    site.TALLY["cases"] += 1
+    site.TOTALS["inputs"] += 1
 
 
 # The interpreter lives under /root (mode 700) here, so a program cannot simply be exec'd as
@@ -75,6 +95,7 @@ def handle(site: Site, user: int | None = None) -> tuple[bytes, int, list[str], 
 
     If a salt comes, the client answers right: a handler that failed open would run the action.
     """
+    TALLY, TOTALS = site.TALLY, site.TOTALS
     TALLY["handler runs"] += 1
     TOTALS["connections"] += 1
     ours, theirs = socket.socketpair()
@@ -117,6 +138,7 @@ def handle(site: Site, user: int | None = None) -> tuple[bytes, int, list[str], 
 
 def tool(site: Site, user: int | None = None) -> subprocess.CompletedProcess:
     """``ostiary-lockout -c CFG list`` (as ``user``)."""
+    TALLY, TOTALS = site.TALLY, site.TOTALS
     TALLY["tool runs"] += 1
     argv = ([project_tool("ostiary-lockout"), "-c", str(site.cfg), "list"] if user is None
             else command("admin.lockout", user, "-c", str(site.cfg), "list"))
@@ -151,52 +173,24 @@ def tool_says(site: Site, user: int | None, *what: str) -> str:
 
 
 @pytest.fixture
-def site():
-    s = Site()
+def site(tally):
+    s = counting(Site(), tally)
     s.config(COMM_TIMEOUT="1")
     seed(s)
     yield s
     s.remove()
 
 
-def urandom_keep_size(p: Path) -> None:
-    p.write_bytes(os.urandom(p.stat().st_size))
-
-
-def replace_by_fifo(p: Path) -> None:
-    p.unlink()
-    os.mkfifo(p, 0o600)
-
-
-def replace_by_dir(p: Path) -> None:
-    p.unlink()
-    p.mkdir()
-
-
-DAMAGE = {  # which file, what is done to it
-    "snapshot truncated": ("cdb", lambda p: os.truncate(p, 1000)),
-    "snapshot cut at the end": ("cdb", lambda p: os.truncate(p, p.stat().st_size - 5)),
-    "snapshot garbage": ("cdb", urandom_keep_size),
-    "snapshot zero-length": ("cdb", lambda p: os.truncate(p, 0)),
-    "snapshot is a directory": ("cdb", replace_by_dir),
-    "snapshot is a FIFO": ("cdb", replace_by_fifo),
-    "journal cut in its header": ("journal", lambda p: os.truncate(p, 7)),
-    "journal garbage": ("journal", urandom_keep_size),
-    "journal zero-length": ("journal", lambda p: os.truncate(p, 0)),
-    "journal is a FIFO": ("journal", replace_by_fifo),
-}
-
-
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_broken_store_file_fails_closed_and_the_tool_says_which(site, how):
     """The complaint names the file (``PATH: reason``), handler and tool alike."""
-    TALLY["cases"] += 1
+    case(site)
     which, damage = DAMAGE[how]
     path = site.db if which == "cdb" else journal(site)
     damage(path)
     fails_closed(site, None, f"{path}: ")
     tool_says(site, None, f"{path}: ")
-    time.sleep(0.2)
+    wait_quiet(site.cfg)
     assert site.runs("open") == []
 
 
@@ -215,8 +209,8 @@ def nobody_site(site):
 
 
 def test_a_store_file_of_the_wrong_owner_fails_closed(nobody_site):
-    TALLY["cases"] += 1
     site = nobody_site
+    case(site)
     os.chown(site.db, 0, 0)  # e.g. copied back in by root from a backup
     site.db.chmod(0o640)
     fails_closed(site, NOBODY, f"unable to read {site.db}: Permission denied")
@@ -225,8 +219,8 @@ def test_a_store_file_of_the_wrong_owner_fails_closed(nobody_site):
 
 
 def test_an_unreadable_store_file_fails_closed(nobody_site):
-    TALLY["cases"] += 1
     site = nobody_site
+    case(site)
     journal(site).chmod(0)
     fails_closed(site, NOBODY, f"{journal(site)}: Permission denied")
     tool_says(site, NOBODY, f"{journal(site)}: Permission denied")
@@ -234,8 +228,8 @@ def test_an_unreadable_store_file_fails_closed(nobody_site):
 
 
 def test_an_unwritable_state_directory_fails_closed(nobody_site):
-    TALLY["cases"] += 1
     site = nobody_site
+    case(site)
     os.chown(site.state, 0, 0)
     fails_closed(site, NOBODY, f"state directory {site.state}: Permission denied")
     # the config is nobody's, the directory root's: root will not write where nobody points it
@@ -251,8 +245,8 @@ edits = st.lists(st.tuples(st.sampled_from(("cdb", "journal")),
 
 
 @pytest.fixture(scope="module")
-def fuzz_site():
-    s = Site()
+def fuzz_site(tally):
+    s = counting(Site(), tally)
     s.config(COMM_TIMEOUT="1")
     yield s
     s.remove()
@@ -286,7 +280,7 @@ def test_random_store_damage_never_crashes_or_fails_open(fuzz_site, edits):
     assert not any(TRACEBACK.search(x) for x in lines), lines
     assert took < 5
     if rc == 111:
-        TALLY["refused"] += 1
+        site.TALLY["refused"] += 1
         assert got == b""
         bad = [x for x in lines if x.startswith(("ostiary-handle: alert: ", "ostiary-handle: fatal: "))]
         assert len(bad) == 1 and "lockout.cdb" in bad[0], lines
@@ -295,12 +289,5 @@ def test_random_store_damage_never_crashes_or_fails_open(fuzz_site, edits):
         assert proc.stderr.startswith("ostiary-lockout: fatal: ") and proc.stderr.count("\n") == 1
     else:
         assert rc == 0 and len(got) == SALT_LEN, lines  # damage the store's checks cannot see
-    TALLY["cases"] += 1
+    case(site)
 
-
-def test_store_tally(pytestconfig):
-    assert TALLY["crashes"] == 0
-    TOTALS["inputs"] += TALLY["cases"]
-    figure(pytestconfig, f"store damage: {TALLY['cases']} damaged stores ({TALLY['refused']} of 40 "
-           f"random ones refused, the rest harmless), {TALLY['handler runs']} handler runs, "
-           f"{TALLY['tool runs']} tool runs, {TALLY['crashes']} crashes")

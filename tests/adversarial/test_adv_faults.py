@@ -17,8 +17,10 @@ import time
 
 import pytest
 
-from conftest import IN_CI, project_tool, wait_for
-from handler_util import KILL, OPEN, SALT_LEN, Rig, response, rig, tcp_pair  # noqa: F401
+from conftest import IN_CI, project_tool
+from kit.site import KILL, OPEN, Rig
+from kit.wire import response, SALT_LEN, tcp_pair
+from kit.procs import wait_for
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.admin.lockout import PROG, main as lockout_main
 from ostiary_ucspi.policy import Entry, charge, lock, refusal, succeed

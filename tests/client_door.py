@@ -5,6 +5,7 @@ Run as ``python client_door.py MODE HOST PORT OUT``. It serves one connection
 send it all back, close; ``greet``: send ``hello``, shut down writing, read to
 end of file into ``OUT.in``, close), and gives up after 30 seconds.
 """
+
 import socket
 import sys
 

@@ -1,4 +1,5 @@
 """Gates and fixtures shared by every test; the helpers themselves are in ``kit/``."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Actions: argv, environment, ids, stdin, output, detachment, undo, refusals."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from kit.procs import wait_for, wait_quiet
 from kit.servers import TcpServer
 from kit.site import OPEN, Rig
@@ -51,13 +51,16 @@ def test_default_ids_are_nobody_without_supplementary_groups(rig: Rig):
 
 
 @ROOT_ONLY
-@pytest.mark.parametrize("ids, defaults, uid, gid", [
-    (",1234,4321", (), 1234, 4321),
-    (',"1234","4321"', (), 1234, 4321),
-    (",0,0", (), 0, 0),
-    ("", ("DEFAULT_UID=2345", "DEFAULT_GID=5432"), 2345, 5432),
-    (",3456", ("DEFAULT_GID=5432",), 3456, 5432),
-])
+@pytest.mark.parametrize(
+    "ids, defaults, uid, gid",
+    [
+        (",1234,4321", (), 1234, 4321),
+        (',"1234","4321"', (), 1234, 4321),
+        (",0,0", (), 0, 0),
+        ("", ("DEFAULT_UID=2345", "DEFAULT_GID=5432"), 2345, 5432),
+        (",3456", ("DEFAULT_GID=5432",), 3456, 5432),
+    ],
+)
 def test_configured_ids(rig: Rig, ids, defaults, uid, gid):
     rig.write_config(f'ACTION="ids-passphrase","{rig.bin}/ids"{ids}', *defaults)
     rig.action("ids")
@@ -71,6 +74,7 @@ def test_configured_ids(rig: Rig, ids, defaults, uid, gid):
 def test_without_root_other_ids_are_refused(rig: Rig):
     if os.getuid() == 0:  # CI runs as root: the same decision, taken as uid 1000
         from ostiary_ucspi import actions
+
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(actions.os, "getuid", lambda: 1000)
             mp.setattr(actions.os, "getgid", lambda: 1000)
@@ -180,8 +184,9 @@ def test_undo_runs_after_its_delay(rig: Rig):
     rig.wait_log(f"127.0.0.1 undo {rig.bin}/undo finished: exit 0")
 
 
-@pytest.mark.parametrize("problem", ["world-writable file", "world-writable directory",
-                                     "not executable", "missing"])
+@pytest.mark.parametrize(
+    "problem", ["world-writable file", "world-writable directory", "not executable", "missing"]
+)
 def test_unsafe_actions_are_refused_and_logged(rig: Rig, problem):
     path = rig.bin / "open"
     if problem == "world-writable file":

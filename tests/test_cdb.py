@@ -1,4 +1,5 @@
 """ostiary_ucspi.cdb: the reader agrees with pure-cdb on what cdbmake's layout holds."""
+
 import io
 
 import cdblib
@@ -47,9 +48,9 @@ def test_a_table_pointing_past_the_end_is_an_error_not_a_crash() -> None:
     data = bytearray(out.getvalue())
     h = cdb.hash_key(b"key")
     index = 2 * (h & 255)
-    table = int.from_bytes(data[4 * index:4 * index + 4], "little")
-    slots = int.from_bytes(data[4 * index + 4:4 * index + 8], "little")
+    table = int.from_bytes(data[4 * index : 4 * index + 4], "little")
+    slots = int.from_bytes(data[4 * index + 4 : 4 * index + 8], "little")
     slot = table + 8 * ((h >> 8) % slots)
-    data[slot + 4:slot + 8] = (len(data) - 2).to_bytes(4, "little")  # record position: the end
+    data[slot + 4 : slot + 8] = (len(data) - 2).to_bytes(4, "little")  # record position: the end
     with pytest.raises(cdb.CdbError):
         cdb.Reader(bytes(data)).get(b"key")

@@ -5,6 +5,7 @@ All but the last section use a tiny in-test server (:class:`FakeServer`) on
 loopback, which records what the client sends; the client always runs as a
 real process, and without a controlling terminal unless pexpect gives it one.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
 from conftest import project_tool, require_tool
 from kit.servers import closed_port, listen, stop
 from kit.vectors import OSTIARY
+
 from ostiary_ucspi import client
 from ostiary_ucspi.protocol import response
 
@@ -59,8 +60,9 @@ class FakeServer:
                  connection, then set ``sent``.
     """
 
-    def __init__(self, mode: str = "ostiary", host: str = "127.0.0.1",
-                 salt: bytes | None = None) -> None:
+    def __init__(
+        self, mode: str = "ostiary", host: str = "127.0.0.1", salt: bytes | None = None
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.bind((host, 0))
@@ -81,7 +83,7 @@ class FakeServer:
         while not self.stop.is_set():
             try:
                 conn, peer = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             with conn:
                 conn.settimeout(10)
@@ -148,14 +150,26 @@ def ipv6() -> None:
 
 def run_client(*args: str, **kw) -> subprocess.CompletedProcess:
     """Run ostiary-client in a new session: no controlling terminal, so it never prompts."""
-    return subprocess.run([client_path(), *args], capture_output=True, text=True,
-                          timeout=30, start_new_session=True, **kw)
+    return subprocess.run(
+        [client_path(), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def run_shell(script: str, *args: str, **kw) -> subprocess.CompletedProcess:
     """Run ``sh -c script`` with $0 = ostiary-client and $1... = args, as a user's script would."""
-    return subprocess.run(["sh", "-c", script, client_path(), *args], capture_output=True,
-                          text=True, timeout=30, start_new_session=True, **kw)
+    return subprocess.run(
+        ["sh", "-c", script, client_path(), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def secret_file(tmp_path: Path, content: bytes, mode: int = 0o600) -> str:
@@ -224,8 +238,9 @@ def test_the_echo_check_sees_an_echoing_prompt():
 
 def test_prompt_reads_the_terminal_not_stdin(serve):
     srv = serve()
-    child = pexpect.spawn("sh", ["-c", 'echo wrong | exec "$0" -a "$1"', client_path(), srv.addr],
-                          timeout=10)
+    child = pexpect.spawn(
+        "sh", ["-c", 'echo wrong | exec "$0" -a "$1"', client_path(), srv.addr], timeout=10
+    )
     child.expect_exact(PROMPT)
     child.sendline(b"right")
     child.expect(pexpect.EOF)
@@ -335,28 +350,31 @@ def test_exit_statuses_are_distinct_and_documented():
         assert re.search(rf"^  {code} ", proc.stdout, re.M), code
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["-a"],
-    ["-a", "host"],
-    ["-a", "host:"],
-    ["-a", "host:0"],
-    ["-a", "host:65536"],
-    ["-a", "host:http"],
-    ["-a", "host:7050", "-p", "7051"],
-    ["-a", "host:7050", "-a", "other:7050"],
-    ["-a", "host", "-p", "1", "-p", "1"],
-    ["-a", "[::1:7050"],
-    ["-a", "[::1]7050"],
-    ["-a", "[]:7050"],
-    ["-a", "host:7050", "-f", "x"],
-    ["-a", "host:7050", "-f", "0", "--secret-file", "/dev/null"],
-    ["-a", "host:7050", "--timeout", "0"],
-    ["-a", "host:7050", "--timeout", "nan"],
-    ["-a", "host:7050", "--timeout", "soon"],
-    ["-a", "host:7050", "extra"],
-    ["-a", "host:7050", "--passphrase", "x"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-a"],
+        ["-a", "host"],
+        ["-a", "host:"],
+        ["-a", "host:0"],
+        ["-a", "host:65536"],
+        ["-a", "host:http"],
+        ["-a", "host:7050", "-p", "7051"],
+        ["-a", "host:7050", "-a", "other:7050"],
+        ["-a", "host", "-p", "1", "-p", "1"],
+        ["-a", "[::1:7050"],
+        ["-a", "[::1]7050"],
+        ["-a", "[]:7050"],
+        ["-a", "host:7050", "-f", "x"],
+        ["-a", "host:7050", "-f", "0", "--secret-file", "/dev/null"],
+        ["-a", "host:7050", "--timeout", "0"],
+        ["-a", "host:7050", "--timeout", "nan"],
+        ["-a", "host:7050", "--timeout", "soon"],
+        ["-a", "host:7050", "extra"],
+        ["-a", "host:7050", "--passphrase", "x"],
+    ],
+)
 def test_usage_errors(args):
     proc = run_client(*args)
     assert proc.returncode == client.EXIT_USAGE
@@ -405,9 +423,14 @@ def test_connect_timeout():
 def test_send_fails_when_the_server_resets_after_the_salt(serve):
     """The client is stopped once connected; meanwhile the salt arrives with a reset."""
     srv = serve("reset")
-    proc = subprocess.Popen([client_path(), "-v", "-a", srv.addr, "-f", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [client_path(), "-v", "-a", srv.addr, "-f", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         proc.stdin.write("pw\n")
         proc.stdin.close()
@@ -443,11 +466,14 @@ def test_denied_by_real_tcprules(tmp_path):
     tcpserver = require_tool("tcpserver")
     tcprules = require_tool("tcprules")
     rules = tmp_path / "rules.cdb"
-    subprocess.run([tcprules, str(rules), str(tmp_path / "rules.tmp")], input=b":deny\n",
-                   check=True)
-    server = subprocess.Popen([tcpserver, "-1", "-H", "-R", "-l0", "-x", str(rules),
-                               "127.0.0.1", "0", "true"], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [tcprules, str(rules), str(tmp_path / "rules.tmp")], input=b":deny\n", check=True
+    )
+    server = subprocess.Popen(
+        [tcpserver, "-1", "-H", "-R", "-l0", "-x", str(rules), "127.0.0.1", "0", "true"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port = int(server.stdout.readline())
         proc = run_client("-a", f"127.0.0.1:{port}", "-f", "0", input="pw\n")
@@ -461,17 +487,20 @@ def test_denied_by_real_tcprules(tmp_path):
 # --- addresses --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("host.example:7050", ("host.example", 7050, False)),
-    ("host.example", ("host.example", None, False)),
-    ("10.0.0.1:22", ("10.0.0.1", 22, False)),
-    ("[::1]:7000", ("::1", 7000, True)),
-    ("[::1]", ("::1", None, True)),
-    ("[127.0.0.1]:7000", ("127.0.0.1", 7000, True)),
-    ("::1", ("::1", None, False)),
-    ("fe80::1%eth0", ("fe80::1%eth0", None, False)),
-    ("2001:db8::7", ("2001:db8::7", None, False)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("host.example:7050", ("host.example", 7050, False)),
+        ("host.example", ("host.example", None, False)),
+        ("10.0.0.1:22", ("10.0.0.1", 22, False)),
+        ("[::1]:7000", ("::1", 7000, True)),
+        ("[::1]", ("::1", None, True)),
+        ("[127.0.0.1]:7000", ("127.0.0.1", 7000, True)),
+        ("::1", ("::1", None, False)),
+        ("fe80::1%eth0", ("fe80::1%eth0", None, False)),
+        ("2001:db8::7", ("2001:db8::7", None, False)),
+    ],
+)
 def test_split_address(text, expected):
     assert client.split_address(text) == expected
 
@@ -492,7 +521,9 @@ def test_same_port_in_both_places_is_fine(serve):
 @pytest.mark.parametrize("form", ["bracketed", "separate"])
 def test_ipv6_loopback(serve, ipv6, form):
     srv = serve(host="::1")
-    where = ["-a", f"[::1]:{srv.port}"] if form == "bracketed" else ["-a", "::1", "-p", str(srv.port)]
+    where = (
+        ["-a", f"[::1]:{srv.port}"] if form == "bracketed" else ["-a", "::1", "-p", str(srv.port)]
+    )
     proc = run_client(*where, "-f", "0", input="pw\n")
     assert proc.returncode == 0, proc.stderr
     assert srv.answered() == [response(b"pw", srv.salt)]
@@ -614,8 +645,7 @@ def ucspi(request, tmp_path):
         if request.param == "tcpserver":
             argv = [require_tool("tcpserver"), "-1", "-H", "-R", "-l0", host, "0", *handle]
         else:
-            argv = [project_tool("ostiary-tcpserver"), "-1", "-H", "-R", "-l0", host, "0",
-                    *handle]
+            argv = [project_tool("ostiary-tcpserver"), "-1", "-H", "-R", "-l0", host, "0", *handle]
         with open(tmp_path / "server.log", "wb") as log:
             proc, port = listen(argv, log, start_new_session=True)
         procs.append(proc)

@@ -1,4 +1,5 @@
 """ostiary-client's command line, named targets (client.conf), --secret-command, exit statuses."""
+
 from __future__ import annotations
 
 import os
@@ -6,11 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-
 from kit.servers import unused_port
+from test_client import fatal, run_client, secret_file, serve  # noqa: F401 (serve: a fixture)
+
 from ostiary_ucspi import __version__, client
 from ostiary_ucspi.protocol import response
-from test_client import fatal, run_client, secret_file, serve  # noqa: F401 (serve: a fixture)
 
 # --- exit statuses and help ---------------------------------------------------
 
@@ -41,54 +42,74 @@ def fields(opts: client.Options) -> dict:
     return {k: v for k, v in vars(opts).items() if k != "secret"}
 
 
-OLD = {"host": "h", "port": 7050, "numeric": False, "source": "", "fd": 0, "secret_file": "",
-       "secret_command": "", "timeout": 10.0, "wait": 10.0, "mode": "knock", "door": None,
-       "verbose": False}
+OLD = {
+    "host": "h",
+    "port": 7050,
+    "numeric": False,
+    "source": "",
+    "fd": 0,
+    "secret_file": "",
+    "secret_command": "",
+    "timeout": 10.0,
+    "wait": 10.0,
+    "mode": "knock",
+    "door": None,
+    "verbose": False,
+}
 
 
-@pytest.mark.parametrize("argv, changes", [
-    (["-a", "h:7050"], {}),
-    (["-ah:7050"], {}),
-    (["-a", "h", "-p", "7050"], {}),
-    (["-p7050", "-ah"], {}),
-    (["-vf3", "-a", "h:7050"], {"verbose": True, "source": "-f", "fd": 3}),
-    (["-a", "h:7050", "-f", "0"], {"source": "-f"}),
-    (["-a", "h:7050", "--secret-file", "/s"], {"source": "--secret-file", "secret_file": "/s"}),
-    (["-a", "h:7050", "--secret-file=/s"], {"source": "--secret-file", "secret_file": "/s"}),
-    (["-a", "h:7050", "--time", "2.5"], {"timeout": 2.5}),
-    (["-a", "[::1]:7050"], {"host": "::1", "numeric": True}),
-    (["-a", "::1", "-p", "7050"], {"host": "::1"}),
-])
+@pytest.mark.parametrize(
+    "argv, changes",
+    [
+        (["-a", "h:7050"], {}),
+        (["-ah:7050"], {}),
+        (["-a", "h", "-p", "7050"], {}),
+        (["-p7050", "-ah"], {}),
+        (["-vf3", "-a", "h:7050"], {"verbose": True, "source": "-f", "fd": 3}),
+        (["-a", "h:7050", "-f", "0"], {"source": "-f"}),
+        (["-a", "h:7050", "--secret-file", "/s"], {"source": "--secret-file", "secret_file": "/s"}),
+        (["-a", "h:7050", "--secret-file=/s"], {"source": "--secret-file", "secret_file": "/s"}),
+        (["-a", "h:7050", "--time", "2.5"], {"timeout": 2.5}),
+        (["-a", "[::1]:7050"], {"host": "::1", "numeric": True}),
+        (["-a", "::1", "-p", "7050"], {"host": "::1"}),
+    ],
+)
 def test_ostclient_and_earlier_command_lines_parse_as_before(argv, changes):
     assert fields(client.parse_args(argv)) == {**OLD, **changes}
 
 
-@pytest.mark.parametrize("argv, mode, door", [
-    (["--connect", "22"], "connect", (None, 22, False)),
-    (["--connect=22"], "connect", (None, 22, False)),
-    (["--connect", "h:22"], "connect", ("h", 22, False)),
-    (["--connect", ":22"], "connect", (None, 22, False)),
-    (["--connect", "[::1]:22"], "connect", ("::1", 22, True)),
-    (["--connect", "2001:db8::1:22"], "connect", ("2001:db8::1", 22, False)),
-    (["--wait-open", "other:80", "--wait", "3"], "wait-open", ("other", 80, False)),
-])
+@pytest.mark.parametrize(
+    "argv, mode, door",
+    [
+        (["--connect", "22"], "connect", (None, 22, False)),
+        (["--connect=22"], "connect", (None, 22, False)),
+        (["--connect", "h:22"], "connect", ("h", 22, False)),
+        (["--connect", ":22"], "connect", (None, 22, False)),
+        (["--connect", "[::1]:22"], "connect", ("::1", 22, True)),
+        (["--connect", "2001:db8::1:22"], "connect", ("2001:db8::1", 22, False)),
+        (["--wait-open", "other:80", "--wait", "3"], "wait-open", ("other", 80, False)),
+    ],
+)
 def test_connect_and_wait_open_values(argv, mode, door):
     opts = client.parse_args(["-a", "h:7050", *argv])
     assert (opts.mode, opts.door) == (mode, door)
 
 
-@pytest.mark.parametrize("argv, text", [
-    (["--connect"], "--connect needs [host:]port"),
-    (["--connect", "22", "--wait-open", "22"], "give one"),
-    (["--connect", "h:0"], "bad port"),
-    (["--connect", "[::1]"], "no port in --connect"),
-    (["--wait", "3"], "--wait says how long"),
-    (["--wait-open", "22", "--wait", "0"], "positive number of seconds"),
-    (["-f", "0", "--secret-command", "true"], "both name a passphrase"),
-    (["--config", "/x"], "name a TARGET too"),
-    (["--se", "x"], "not a unique prefix"),
-    (["a", "b"], "unexpected argument 'b'"),
-])
+@pytest.mark.parametrize(
+    "argv, text",
+    [
+        (["--connect"], "--connect needs [host:]port"),
+        (["--connect", "22", "--wait-open", "22"], "give one"),
+        (["--connect", "h:0"], "bad port"),
+        (["--connect", "[::1]"], "no port in --connect"),
+        (["--wait", "3"], "--wait says how long"),
+        (["--wait-open", "22", "--wait", "0"], "positive number of seconds"),
+        (["-f", "0", "--secret-command", "true"], "both name a passphrase"),
+        (["--config", "/x"], "name a TARGET too"),
+        (["--se", "x"], "not a unique prefix"),
+        (["a", "b"], "unexpected argument 'b'"),
+    ],
+)
 def test_new_usage_errors(argv, text):
     proc = run_client("-a", "h:7050", *argv)
     assert proc.returncode == client.EXIT_USAGE
@@ -101,26 +122,38 @@ def test_new_usage_errors(argv, text):
 def test_secret_command_first_line_is_the_passphrase(serve):
     srv = serve()
     # stdin is /dev/null: cat reads nothing of ours; the second line is ignored.
-    proc = run_client("-v", "-a", srv.addr, "--secret-command",
-                      "cat; printf 'pw word \\r\\nnext\\n'", input="not for the command\n")
+    proc = run_client(
+        "-v",
+        "-a",
+        srv.addr,
+        "--secret-command",
+        "cat; printf 'pw word \\r\\nnext\\n'",
+        input="not for the command\n",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "pw word" not in proc.stderr and "next" not in proc.stderr
     assert srv.answered() == [response(b"pw word", srv.salt)]
 
 
-@pytest.mark.parametrize("command, why", [
-    ("echo pw; exit 3", "exited with status 3"),
-    ("kill -TERM $$", "was killed by signal 15"),
-    ("true", "printed nothing"),
-    ("/no/such/program", "exited with status 127"),
-])
+@pytest.mark.parametrize(
+    "command, why",
+    [
+        ("echo pw; exit 3", "exited with status 3"),
+        ("kill -TERM $$", "was killed by signal 15"),
+        ("true", "printed nothing"),
+        ("/no/such/program", "exited with status 127"),
+    ],
+)
 def test_secret_command_failures(serve, command, why):
     srv = serve()
     proc = run_client("-a", srv.addr, "--secret-command", command)
     assert proc.returncode == client.EXIT_COMMAND
     assert proc.stdout == ""
     # The command's own complaints (sh: not found) come first, on the same stderr.
-    assert proc.stderr.splitlines()[-1] == f"ostiary-client: fatal: the secret command {command!r} {why}"
+    assert (
+        proc.stderr.splitlines()[-1]
+        == f"ostiary-client: fatal: the secret command {command!r} {why}"
+    )
     assert srv.peers == []
 
 
@@ -151,8 +184,11 @@ def as_user(home: Path, *args: str, **kw):
 def test_a_target_knocks_with_its_stanza(serve, tmp_path):
     srv = serve()
     secret = secret_file(tmp_path, b"from the file\n")
-    write_conf(tmp_path, f"# mine\n[other]\nhost = nowhere.invalid:1\n\n[box]\n"
-                         f"host = 127.0.0.1\nport = {srv.port}\nsecret-file = {secret}\n")
+    write_conf(
+        tmp_path,
+        f"# mine\n[other]\nhost = nowhere.invalid:1\n\n[box]\n"
+        f"host = 127.0.0.1\nport = {srv.port}\nsecret-file = {secret}\n",
+    )
     proc = as_user(tmp_path, "box")
     assert (proc.returncode, proc.stderr) == (0, "")
     assert srv.answered() == [response(b"from the file", srv.salt)]
@@ -180,7 +216,13 @@ def test_a_stanza_s_connect_target_and_wait(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_DIRS", str(tmp_path / "none"))
     opts = client.parse_args(["box", "--connect"])
     assert (opts.host, opts.port, opts.mode, opts.door, opts.wait, opts.timeout) == (
-        "box.example", 7000, "connect", (None, 22, False), 3.0, 2.0)
+        "box.example",
+        7000,
+        "connect",
+        (None, 22, False),
+        3.0,
+        2.0,
+    )
     assert client.parse_args(["--connect", "box"]).door == (None, 22, False)
     assert client.parse_args(["box", "--wait-open", "2222"]).door == (None, 2222, False)
     assert client.parse_args(["box", "--wait", "9", "--connect"]).wait == 9.0
@@ -191,18 +233,24 @@ def test_xdg_config_dirs_is_searched_after_the_home(serve, tmp_path):
     srv = serve()
     system = tmp_path / "system"
     write_conf(system, f"[box]\nhost = 127.0.0.1:{srv.port}\n", mode=0o644)
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "empty"),
-           "XDG_CONFIG_DIRS": f"relative:{system}"}
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path / "empty"),
+        "XDG_CONFIG_DIRS": f"relative:{system}",
+    }
     proc = run_client("box", "-f", "0", input="pw\n", env=env)
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("mode, text", [
-    (0o620, "its group or others may write it (mode 0620)"),
-    (0o602, "its group or others may write it (mode 0602)"),
-    (0o640, "it holds a secret inline and its group or others may read it (mode 0640)"),
-    (0o604, "it holds a secret inline and its group or others may read it (mode 0604)"),
-])
+@pytest.mark.parametrize(
+    "mode, text",
+    [
+        (0o620, "its group or others may write it (mode 0620)"),
+        (0o602, "its group or others may write it (mode 0602)"),
+        (0o640, "it holds a secret inline and its group or others may read it (mode 0640)"),
+        (0o604, "it holds a secret inline and its group or others may read it (mode 0604)"),
+    ],
+)
 def test_unsafe_files_are_refused(serve, tmp_path, mode, text):
     srv = serve()
     path = write_conf(tmp_path, f"[box]\nhost = 127.0.0.1:{srv.port}\nsecret = x\n", mode)
@@ -229,22 +277,29 @@ def test_a_file_owned_by_someone_else_is_refused(serve, tmp_path):
     assert "belongs to uid 65534" in fatal(proc)
 
 
-@pytest.mark.parametrize("text, line, why", [
-    ("host = h:1\n", 1, "host before any [name] stanza"),
-    ("[box]\nhost h:1\n", 2, "expected key = value or [name]"),
-    ("[box]\nhots = h:1\n", 2, "unknown key 'hots'"),
-    ("[box]\nhost = h:1\nhost = h:2\n", 3, "host given twice in this stanza"),
-    ("[box]\n[box]\n", 2, "a second [box] stanza"),
-    ("[b x]\n", 1, "bad stanza line"),
-    ("[22]\n", 1, "bad stanza line"),
-    ("[box]\nhost = h:0\n", 2, "bad port '0'"),
-    ("[box]\nhost = h:1\nport = 2\n", 3, "two different ports: 1 in host, 2 in port"),
-    ("[box]\nconnect = [::1]\n", 2, "no port in connect"),
-    ("[box]\nwait = never\n", 2, "wait takes a positive number of seconds"),
-    ("[box]\nsecret-file = relative\n", 2, "secret-file must be an absolute path or start with ~/"),
-    ("[box]\nsecret = x\nsecret-command = y\n", 3, "secret-command and secret both name"),
-    ("[box]\nsecret =\n", 2, "secret is empty"),
-])
+@pytest.mark.parametrize(
+    "text, line, why",
+    [
+        ("host = h:1\n", 1, "host before any [name] stanza"),
+        ("[box]\nhost h:1\n", 2, "expected key = value or [name]"),
+        ("[box]\nhots = h:1\n", 2, "unknown key 'hots'"),
+        ("[box]\nhost = h:1\nhost = h:2\n", 3, "host given twice in this stanza"),
+        ("[box]\n[box]\n", 2, "a second [box] stanza"),
+        ("[b x]\n", 1, "bad stanza line"),
+        ("[22]\n", 1, "bad stanza line"),
+        ("[box]\nhost = h:0\n", 2, "bad port '0'"),
+        ("[box]\nhost = h:1\nport = 2\n", 3, "two different ports: 1 in host, 2 in port"),
+        ("[box]\nconnect = [::1]\n", 2, "no port in connect"),
+        ("[box]\nwait = never\n", 2, "wait takes a positive number of seconds"),
+        (
+            "[box]\nsecret-file = relative\n",
+            2,
+            "secret-file must be an absolute path or start with ~/",
+        ),
+        ("[box]\nsecret = x\nsecret-command = y\n", 3, "secret-command and secret both name"),
+        ("[box]\nsecret =\n", 2, "secret is empty"),
+    ],
+)
 def test_bad_lines_are_named_by_file_and_line(tmp_path, text, line, why):
     path = write_conf(tmp_path, text)
     proc = as_user(tmp_path, "box", "-f", "0", input="pw\n")

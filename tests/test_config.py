@@ -1,4 +1,5 @@
 """The config file: Ostiary 4.0 configs unchanged, clear fatal errors, ``--check``."""
+
 from __future__ import annotations
 
 import grp
@@ -7,10 +8,10 @@ import pwd
 import re
 
 import pytest
-
 from kit.procs import wait_quiet
 from kit.site import KILL, OPEN, Rig
 from kit.wire import SALT_LEN
+
 from ostiary_ucspi.config import LOG_LEVELS, ConfigError, parse
 
 # A config as Ostiary 4.0 users write them: listener keys, flags, quoted and
@@ -71,13 +72,30 @@ def test_an_ostiary_4_config_is_accepted_unchanged(rig: Rig):
     cfg = parse(rig.cfg.read_text(), str(rig.cfg))
     assert cfg.kill == b"stop the gate, now!"
     assert [a.secret for a in cfg.actions] == [
-        b"open sesame", b"close sesame", b'say "hello" # not a comment', b"backup",
-        b"reboot-please", b"  spaces  inside  ", b"back\\slash", b"eighth", b"ninth action",
-        b"tenth"]
+        b"open sesame",
+        b"close sesame",
+        b'say "hello" # not a comment',
+        b"backup",
+        b"reboot-please",
+        b"  spaces  inside  ",
+        b"back\\slash",
+        b"eighth",
+        b"ninth action",
+        b"tenth",
+    ]
     assert [a.command for a in cfg.actions] == [f"{rig.bin}/a{i}" for i in range(1, 11)]
     assert [(a.uid, a.gid) for a in cfg.actions] == [
-        (None, None), (0, 0), (65534, 65534), (NOBODY, NOGROUP), (0, None), (65534, 65534),
-        (None, None), (None, None), (NOBODY, NOGROUP), (None, None)]
+        (None, None),
+        (0, 0),
+        (65534, 65534),
+        (NOBODY, NOGROUP),
+        (0, None),
+        (65534, 65534),
+        (None, None),
+        (None, None),
+        (NOBODY, NOGROUP),
+        (None, None),
+    ]
     assert (cfg.default_uid, cfg.default_gid) == (65534, 65534)
     assert (cfg.delay, cfg.comm_timeout, cfg.max_bad_conns) == (1, 5, 3)
     assert (cfg.max_single_errs, cfg.max_total_errs, cfg.exit_on_ipcache_full) == (20, 500, True)
@@ -85,15 +103,20 @@ def test_an_ostiary_4_config_is_accepted_unchanged(rig: Rig):
     assert cfg.lockout_action.command == f"{rig.bin}/lockout"
     assert cfg.lockout_action.secret == b""
     assert sorted(k for _, k in cfg.unused) == sorted(
-        ["PORT", "LOCAL_IP", "SKIP_DETACH", "IGNORE_URANDOM", "PIDFILE"])
+        ["PORT", "LOCAL_IP", "SKIP_DETACH", "IGNORE_URANDOM", "PIDFILE"]
+    )
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="the sample runs actions as other users")
 def test_the_ostiary_4_config_serves_knocks(rig: Rig):
     write_sample(rig, f"LOCKOUT_DB={rig.db}\n")  # the one line an ostiary-handle needs added
-    for secret, name in ((b'say "hello" # not a comment', "a3"), (b"ninth action", "a9"),
-                         (b"  spaces  inside  ", "a6"), (b"back\\slash", "a7"),
-                         (b"tenth", "a10")):
+    for secret, name in (
+        (b'say "hello" # not a comment', "a3"),
+        (b"ninth action", "a9"),
+        (b"  spaces  inside  ", "a6"),
+        (b"back\\slash", "a7"),
+        (b"tenth", "a10"),
+    ):
         got, rc = rig.handle(secret)
         assert (len(got), rc) == (SALT_LEN, 0)
         assert rig.wait_runs(name) == ["127.0.0.1"], name
@@ -102,16 +125,21 @@ def test_the_ostiary_4_config_serves_knocks(rig: Rig):
 
 
 def test_syntax_details():
-    cfg = parse("\r\n".join([
-        '  KILL = "k#not-a-comment"  # a comment',
-        'ACTION="a \\"quoted\\" \\\\ b","/bin/true"',
-        'ACTION="x" , "/bin/echo" , "1", 2',
-        "UNDO=30,\"/bin/false\"",
-        "EXIT_ON_IPCACHE_FULL=no",
-        "SKIP_DETACH=yes",
-        "",
-        "# the end",
-    ]), "t.cfg")
+    cfg = parse(
+        "\r\n".join(
+            [
+                '  KILL = "k#not-a-comment"  # a comment',
+                'ACTION="a \\"quoted\\" \\\\ b","/bin/true"',
+                'ACTION="x" , "/bin/echo" , "1", 2',
+                'UNDO=30,"/bin/false"',
+                "EXIT_ON_IPCACHE_FULL=no",
+                "SKIP_DETACH=yes",
+                "",
+                "# the end",
+            ]
+        ),
+        "t.cfg",
+    )
     assert cfg.kill == b"k#not-a-comment"
     assert cfg.actions[0].secret == b'a "quoted" \\ b'
     assert (cfg.actions[1].uid, cfg.actions[1].gid) == (1, 2)
@@ -122,8 +150,10 @@ def test_syntax_details():
 
 def test_long_passphrases_and_lockout_action_field_are_fine():
     long = "p" * 200
-    cfg = parse(f'KILL="{long}"\nACTION="{long}x","/bin/true"\n'
-                f'LOCKOUT_ACTION="{long}","/bin/true"\n', "t.cfg")
+    cfg = parse(
+        f'KILL="{long}"\nACTION="{long}x","/bin/true"\nLOCKOUT_ACTION="{long}","/bin/true"\n',
+        "t.cfg",
+    )
     assert len(cfg.kill) == 200
     assert cfg.lockout_action.secret == long.encode()  # ignored, so it may repeat one
 
@@ -141,19 +171,31 @@ BAD_CONFIGS = {
     "missing KILL": (GOOD[1:], None, "KILL"),
     "no ACTION": (GOOD[:1], None, "ACTION"),
     "relative command": (GOOD + ['ACTION="other-passphrase","bin/true"'], 3, "absolute path"),
-    "passphrase twice": (GOOD + ['ACTION="the-open-passphrase","/bin/false"'], 3,
-                         "already used on line 2"),
-    "KILL reused by ACTION": (GOOD + ['ACTION="the-kill-passphrase","/bin/false"'], 3,
-                              "already used on line 1"),
-    "ACTION reused by KILL": ([GOOD[1], GOOD[0].replace("kill", "open")], 2,
-                              "already used on line 1"),
+    "passphrase twice": (
+        GOOD + ['ACTION="the-open-passphrase","/bin/false"'],
+        3,
+        "already used on line 2",
+    ),
+    "KILL reused by ACTION": (
+        GOOD + ['ACTION="the-kill-passphrase","/bin/false"'],
+        3,
+        "already used on line 1",
+    ),
+    "ACTION reused by KILL": (
+        [GOOD[1], GOOD[0].replace("kill", "open")],
+        2,
+        "already used on line 1",
+    ),
     "unterminated string": (GOOD + ['ACTION="oops,/bin/true'], 3, "unterminated"),
     "not a number": (GOOD + ["DELAY=soon"], 3, "whole number"),
     "bad log level": (GOOD + ["MIN_LOGLEVEL=LOG_LOUD"], 3, "MIN_LOGLEVEL"),
     "key twice": (GOOD + ["DELAY=1", "DELAY=2"], 4, "already set on line 3"),
     "stray UNDO": (GOOD + ["DELAY=1", 'UNDO=5,"/bin/true"'], 4, "UNDO"),
-    "unknown user": (GOOD + ['ACTION="x-passphrase","/bin/true","no-such-user-here"'], 3,
-                     "no such user"),
+    "unknown user": (
+        GOOD + ['ACTION="x-passphrase","/bin/true","no-such-user-here"'],
+        3,
+        "no such user",
+    ),
     "empty passphrase": (GOOD + ['ACTION="","/bin/true"'], 3, "empty passphrase"),
     "relative LOCKOUT_DB": (GOOD + ["LOCKOUT_DB=state/lockout.cdb"], 3, "absolute"),
     "no equals sign": (GOOD + ["DELAY 5"], 3, "KEY=value"),
@@ -171,23 +213,26 @@ def test_config_errors_are_fatal_and_the_client_gets_nothing(rig: Rig, name):
     where = f"(?:{re.escape(str(rig.cfg))}|ostiary\\.cfg)" + (f":{line}" if line else "")
     assert re.match(f"^ostiary-handle: fatal: {where}: ", log[0]), log[0]
     assert words in log[0]
-    assert "passphrase\"" not in log[0] and "the-kill" not in log[0] and "the-open" not in log[0]
+    assert 'passphrase"' not in log[0] and "the-kill" not in log[0] and "the-open" not in log[0]
     assert rig.store_view() is None  # nothing was charged or written
 
 
-@pytest.mark.parametrize("bad", [
-    'KILL "s3cr3t-in-error"',
-    "s3cr3t-in-error",
-    "s3cr3tinerror",
-    'KILL=s3cr3t-in-error',
-    'KILL="s3cr3t-in-error',
-    'KILL="x" "s3cr3t-in-error"',
-    'ACTION=s3cr3t-in-error,"/bin/true"',
-    'ACTION="/bin/true","s3cr3t-in-error"',
-    'ACTION="/bin/true",s3cr3t-in-error',
-    'ACTION="s3cr3t-in-error"',
-    'ACTION="s3cr3t-in-error","/bin/true",1,2,3',
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        'KILL "s3cr3t-in-error"',
+        "s3cr3t-in-error",
+        "s3cr3tinerror",
+        "KILL=s3cr3t-in-error",
+        'KILL="s3cr3t-in-error',
+        'KILL="x" "s3cr3t-in-error"',
+        'ACTION=s3cr3t-in-error,"/bin/true"',
+        'ACTION="/bin/true","s3cr3t-in-error"',
+        'ACTION="/bin/true",s3cr3t-in-error',
+        'ACTION="s3cr3t-in-error"',
+        'ACTION="s3cr3t-in-error","/bin/true",1,2,3',
+    ],
+)
 def test_config_errors_never_show_a_passphrase(bad):
     with pytest.raises(ConfigError) as e:
         parse("\n".join(GOOD + [bad]) + "\n", "t.cfg")
@@ -206,8 +251,12 @@ def test_unreadable_config_is_fatal(rig: Rig):
 
 def check_config(rig: Rig, *lines: str, **settings) -> None:
     rig.action("undo")
-    rig.write_config(f'ACTION="a-second-passphrase","{rig.bin}/open",1234,4321',
-                     f'UNDO=90,"{rig.bin}/undo"', *lines, **settings)
+    rig.write_config(
+        f'ACTION="a-second-passphrase","{rig.bin}/open",1234,4321',
+        f'UNDO=90,"{rig.bin}/undo"',
+        *lines,
+        **settings,
+    )
 
 
 def assert_no_secret(text: str, *secrets: bytes) -> None:
@@ -248,10 +297,19 @@ def test_check_warns_about_listener_keys(rig: Rig):
     assert "SKIP_DETACH is for Ostiary's own listener" in r.stderr
 
 
-@pytest.mark.parametrize("problem", [
-    "world-writable config", "world-writable action", "world-writable action directory",
-    "missing action", "action not executable", "no state directory", "syntax error",
-    "action as root owned by another user"])
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "world-writable config",
+        "world-writable action",
+        "world-writable action directory",
+        "missing action",
+        "action not executable",
+        "no state directory",
+        "syntax error",
+        "action as root owned by another user",
+    ],
+)
 def test_check_refuses_unusable_configs(rig: Rig, problem):
     if problem == "world-writable config":
         rig.write_config(mode=0o666)

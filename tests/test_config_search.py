@@ -1,4 +1,5 @@
 """Without -c the programs read the first of config.SEARCH that exists, and --check says which."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """ostiary_ucspi.cpython: every private name has a public fallback that gives the same thing."""
+
 import hashlib
 import hmac
 import os
@@ -13,10 +14,21 @@ import pytest
 from ostiary_ucspi import cpython
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC = {"compare_digest": hmac.compare_digest, "sha256": hashlib.sha256, "socket": socket.socket,
-          "AF_INET6": socket.AF_INET6, "inet_pton": socket.inet_pton, "inet_ntop": socket.inet_ntop,
-          "alarm": signal.alarm, "signal": signal.signal, "pthread_sigmask": signal.pthread_sigmask,
-          "SIG_DFL": signal.SIG_DFL, "SIGALRM": signal.SIGALRM, "SIG_SETMASK": signal.SIG_SETMASK, "NSIG": signal.NSIG}
+PUBLIC = {
+    "compare_digest": hmac.compare_digest,
+    "sha256": hashlib.sha256,
+    "socket": socket.socket,
+    "AF_INET6": socket.AF_INET6,
+    "inet_pton": socket.inet_pton,
+    "inet_ntop": socket.inet_ntop,
+    "alarm": signal.alarm,
+    "signal": signal.signal,
+    "pthread_sigmask": signal.pthread_sigmask,
+    "SIG_DFL": signal.SIG_DFL,
+    "SIGALRM": signal.SIGALRM,
+    "SIG_SETMASK": signal.SIG_SETMASK,
+    "NSIG": signal.NSIG,
+}
 
 
 def test_every_name_has_its_public_fallback() -> None:
@@ -44,8 +56,22 @@ def test_private_and_public_agree() -> None:
 
 def test_protocol_and_handler_tests_pass_with_the_fast_path_forced_off() -> None:
     env = dict(os.environ, OSTIARY_PUBLIC_IMPORTS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_protocol.py", "tests/test_handle.py"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_protocol.py",
+            "tests/test_handle.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout

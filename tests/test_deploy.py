@@ -4,6 +4,7 @@ Real daemontools (svscan, supervise, svc, svstat, multilog, tai64nlocal),
 ucspi-tcp (tcpserver, tcprules) and xinetd; every process started here is
 ended by a fixture finalizer, also when a test fails.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, project_tool, require_tool
 from kit.procs import wait_for
 from kit.servers import unused_port
@@ -89,15 +89,29 @@ def secret_file(directory: Path, secret: bytes) -> Path:
 
 def knock(port: int, secret: bytes, directory: Path) -> subprocess.CompletedProcess:
     """Run the real ostiary-client against 127.0.0.1:port."""
-    return subprocess.run([project_tool("ostiary-client"), "-a", f"127.0.0.1:{port}",
-                           "--secret-file", str(secret_file(directory, secret))],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [
+            project_tool("ostiary-client"),
+            "-a",
+            f"127.0.0.1:{port}",
+            "--secret-file",
+            str(secret_file(directory, secret)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def tool_path() -> str:
     """PATH for svscan: this interpreter's scripts, daemontools, the system."""
-    dirs = [sysconfig.get_path("scripts"), os.path.dirname(shutil.which("svscan") or "/usr/bin"),
-            "/usr/local/bin", "/usr/bin", "/bin"]
+    dirs = [
+        sysconfig.get_path("scripts"),
+        os.path.dirname(shutil.which("svscan") or "/usr/bin"),
+        "/usr/local/bin",
+        "/usr/bin",
+        "/bin",
+    ]
     return ":".join(dict.fromkeys(dirs))
 
 
@@ -113,15 +127,17 @@ def write_config(path: Path, action: Path, db: str) -> Path:
     path.write_text(
         f'KILL="{KILL_SECRET.decode()}"\n'
         f'ACTION="{ACTION_SECRET.decode()}","{action}"\n'
-        f"DELAY=0\nCOMM_TIMEOUT=5\nMIN_LOGLEVEL=LOG_INFO\nLOCKOUT_DB={db}\n")
+        f"DELAY=0\nCOMM_TIMEOUT=5\nMIN_LOGLEVEL=LOG_INFO\nLOCKOUT_DB={db}\n"
+    )
     path.chmod(0o600)
     return path
 
 
 def run_conf(*args: str) -> subprocess.CompletedProcess:
     """Run the installed ostiary-conf."""
-    return subprocess.run([project_tool("ostiary-conf"), *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [project_tool("ostiary-conf"), *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def log_text(service: Path) -> str:
@@ -136,8 +152,9 @@ def log_text(service: Path) -> str:
 
 def svstat(service: Path) -> str:
     """Return svstat's line for ``service``."""
-    return subprocess.run(["svstat", str(service)], capture_output=True, text=True,
-                          timeout=10).stdout
+    return subprocess.run(
+        ["svstat", str(service)], capture_output=True, text=True, timeout=10
+    ).stdout
 
 
 def tmp_base() -> Path:
@@ -154,10 +171,18 @@ def log_account() -> str:
 
 # ---------------------------------------------------------------- shipped files
 
+
 def test_shipped_service_directory_is_what_conf_writes():
     shipped = ROOT / "service" / "ostiary"
-    expected = conf.service_files("root", conf.SHIPPED_LOGACCOUNT, conf.DEFAULT_CONFIG,
-                                  conf.DEFAULT_IP, conf.DEFAULT_PORT, "", None)
+    expected = conf.service_files(
+        "root",
+        conf.SHIPPED_LOGACCOUNT,
+        conf.DEFAULT_CONFIG,
+        conf.DEFAULT_IP,
+        conf.DEFAULT_PORT,
+        "",
+        None,
+    )
     found = {str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file()}
     assert found == set(expected)
     for name, text in expected.items():
@@ -171,14 +196,26 @@ def test_shipped_service_directory_is_what_conf_writes():
 
 def test_shipped_env_reads_through_envdir():
     require_tool("envdir")
-    out = subprocess.run(["envdir", str(ROOT / "service/ostiary/env"), "env"],
-                         capture_output=True, text=True, check=True, env={}).stdout
+    out = subprocess.run(
+        ["envdir", str(ROOT / "service/ostiary/env"), "env"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={},
+    ).stdout
     env = dict(line.split("=", 1) for line in out.splitlines())
-    assert env == {"IP": "0", "PORT": "7050", "CONFIG": "/etc/ostiary.cfg",
-                   "CONCURRENCY": "10", "RULES": "", "ACCOUNT": "root"}
+    assert env == {
+        "IP": "0",
+        "PORT": "7050",
+        "CONFIG": "/etc/ostiary.cfg",
+        "CONCURRENCY": "10",
+        "RULES": "",
+        "ACCOUNT": "root",
+    }
 
 
 # ---------------------------------------------------------------- ostiary-conf
+
 
 @pytest.fixture
 def base():
@@ -188,11 +225,16 @@ def base():
 
 
 def test_conf_usage_errors(base):
-    for args in ([], ["root"], ["root", "root", "relative/dir"],
-                 ["root", "root", str(base / "s"), "relative.cfg"],
-                 ["root", "root", str(base / "s"), "/c", "0", "70000"],
-                 ["root", "root", str(base / "s"), "/c", "0", "x"],
-                 ["root", "root", str(base / "s b")], ["a", "b", "/c", "/d", "e", "1", "2"]):
+    for args in (
+        [],
+        ["root"],
+        ["root", "root", "relative/dir"],
+        ["root", "root", str(base / "s"), "relative.cfg"],
+        ["root", "root", str(base / "s"), "/c", "0", "70000"],
+        ["root", "root", str(base / "s"), "/c", "0", "x"],
+        ["root", "root", str(base / "s b")],
+        ["a", "b", "/c", "/d", "e", "1", "2"],
+    ):
         r = run_conf(*args)
         assert r.returncode == 100, (args, r.stderr)
         assert r.stderr.startswith("ostiary-conf: "), r.stderr
@@ -231,14 +273,24 @@ def test_conf_makes_a_complete_service_directory(base):
     assert mode(target / "state") == 0o700 and (target / "state").stat().st_uid == os.geteuid()
     assert mode(cfg) == 0o600 and cfg.stat().st_uid == os.geteuid()
     env = {p.name: p.read_text().split("\n", 1)[0] for p in (target / "env").iterdir()}
-    assert env == {"IP": "127.0.0.1", "PORT": "7051", "CONFIG": str(cfg), "CONCURRENCY": "10",
-                   "RULES": f"{target}/tcprules/ostiary.cdb", "ACCOUNT": me,
-                   "PATH": conf.default_path()}
+    assert env == {
+        "IP": "127.0.0.1",
+        "PORT": "7051",
+        "CONFIG": str(cfg),
+        "CONCURRENCY": "10",
+        "RULES": f"{target}/tcprules/ostiary.cdb",
+        "ACCOUNT": me,
+        "PATH": conf.default_path(),
+    }
     assert (target / "run").read_text() == (ROOT / "service/ostiary/run").read_text()
     assert f"account={logacct}\n" in (target / "log/run").read_text()
     # The skeleton passes --check as it is; its two passphrases are random.
-    check = subprocess.run([project_tool("ostiary-handle"), "--check", "-c", str(cfg)],
-                           capture_output=True, text=True, timeout=30)
+    check = subprocess.run(
+        [project_tool("ostiary-handle"), "--check", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert check.returncode == 0, check.stderr
     assert f"lockout store {target}/state/lockout.cdb" in check.stdout
     secrets = re.findall(r'^(?:KILL|ACTION)="([-\w]{32})"', cfg.read_text(), re.M)
@@ -247,8 +299,9 @@ def test_conf_makes_a_complete_service_directory(base):
     require_tool("tcprules")
     rules = target / "tcprules"
     with open(rules / "ostiary", "rb") as f:
-        subprocess.run(["tcprules", str(base / "real.cdb"), str(base / "real.tmp")], stdin=f,
-                       check=True)
+        subprocess.run(
+            ["tcprules", str(base / "real.cdb"), str(base / "real.tmp")], stdin=f, check=True
+        )
     assert (rules / "ostiary.cdb").read_bytes() == (base / "real.cdb").read_bytes()
     # An existing config is left alone.
     before = cfg.read_bytes()
@@ -268,17 +321,29 @@ def test_conf_lets_an_unprivileged_account_take_its_service_down(base):
     assert (base / "ostiary.cfg").stat().st_uid == pwd.getpwnam("nobody").pw_uid
     # Stand in for tcpserver: the handler's own path needs this interpreter, out of reach of nobody.
     (target / "run").write_text("#!/bin/sh\nexec sleep 600\n")
-    sup = subprocess.Popen(["supervise", str(target)], start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sup = subprocess.Popen(
+        ["supervise", str(target)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: ": up " in svstat(target), 10, "supervise to start run")
         as_nobody = ["setuidgid", "nobody", "sh", "-c"]
-        r = subprocess.run(as_nobody + [f"touch {target}/down && svc -d {target}"],
-                           capture_output=True, text=True, timeout=10)
+        r = subprocess.run(
+            as_nobody + [f"touch {target}/down && svc -d {target}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         assert r.returncode == 0, r.stderr
         wait_for(lambda: ": down " in svstat(target), 10, "svc -d run by nobody")
-        for attack in (f"echo x >> {target}/run", f"mv {target}/run {target}/old",
-                       f"rm -f {target}/env/CONFIG", f"echo x > {target}/env/PATH"):
+        for attack in (
+            f"echo x >> {target}/run",
+            f"mv {target}/run {target}/old",
+            f"rm -f {target}/env/CONFIG",
+            f"echo x > {target}/env/PATH",
+        ):
             r = subprocess.run(as_nobody + [attack], capture_output=True, timeout=10)
             assert r.returncode != 0, attack
         assert (target / "run").read_text() == "#!/bin/sh\nexec sleep 600\n"
@@ -292,6 +357,7 @@ def test_conf_lets_an_unprivileged_account_take_its_service_down(base):
 
 # ---------------------------------------------------------------- daemontools
 
+
 class Scan:
     """svscan on a directory, in its own process group, started and ended on demand."""
 
@@ -301,9 +367,14 @@ class Scan:
 
     def start(self) -> None:
         env = {"PATH": tool_path()}
-        self.proc = subprocess.Popen(["svscan", str(self.directory)], env=env,
-                                     start_new_session=True, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["svscan", str(self.directory)],
+            env=env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def crash(self) -> None:
         """End svscan, every supervise and every service at once, as a reboot does."""
@@ -332,8 +403,19 @@ def deployed():
     'handmade' copied from the project's service/ostiary."""
     if not IS_ROOT:
         pytest.skip("a deployment runs as root (supervise, setuidgid, log account)")
-    for tool in ("svscan", "supervise", "svc", "svok", "svstat", "multilog", "tai64nlocal",
-                 "envdir", "tcpserver", "tcprules", "make"):
+    for tool in (
+        "svscan",
+        "supervise",
+        "svc",
+        "svok",
+        "svstat",
+        "multilog",
+        "tai64nlocal",
+        "envdir",
+        "tcpserver",
+        "tcprules",
+        "make",
+    ):
         require_tool(tool)
     base = tmp_base()
     scan = Scan(base / "service")
@@ -387,10 +469,14 @@ def test_service_comes_up_and_an_action_is_logged_with_tai64n(deployed):
     assert ": up " in svstat(service / "log")
     r = knock(port, ACTION_SECRET, base)
     assert r.returncode == 0, r.stderr
-    line = wait_for(lambda: re.search(r"^@[0-9a-f]{24} .*knock from 127\.0\.0\.1$",
-                                      log_text(service), re.M), 15, "the action's log line")
-    local = subprocess.run(["tai64nlocal"], input=line.group(0) + "\n", capture_output=True,
-                           text=True, check=True).stdout
+    line = wait_for(
+        lambda: re.search(r"^@[0-9a-f]{24} .*knock from 127\.0\.0\.1$", log_text(service), re.M),
+        15,
+        "the action's log line",
+    )
+    local = subprocess.run(
+        ["tai64nlocal"], input=line.group(0) + "\n", capture_output=True, text=True, check=True
+    ).stdout
     stamp = re.match(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.\d{9} ", local)
     assert stamp, local
     when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))
@@ -406,8 +492,11 @@ def test_the_shipped_service_directory_runs_as_copied(deployed):
     service, port, _ = services["handmade"]
     wait_for(lambda: listening(port), 15, "the copied service to listen")
     assert len(exchange(port, None)) == 32
-    wait_for(lambda: "127.0.0.1 failed: wrong response" in log_text(service), 10,
-             "the failure's log line")
+    wait_for(
+        lambda: "127.0.0.1 failed: wrong response" in log_text(service),
+        10,
+        "the failure's log line",
+    )
     assert re.search(r"^@[0-9a-f]{24} tcpserver: status: 0/10$", log_text(service), re.M)
 
 
@@ -436,14 +525,18 @@ def test_tcprules_make_denies_without_the_handler(deployed):
     assert record is not None
     rules = base / "ostiary" / "tcprules"
     text = (rules / "ostiary").read_text()
-    (rules / "ostiary").write_text(text.replace("127.0.0.1:allow\n",
-                                                "127.0.0.1:allow\n127.0.0.2:deny\n"))
+    (rules / "ostiary").write_text(
+        text.replace("127.0.0.1:allow\n", "127.0.0.1:allow\n127.0.0.2:deny\n")
+    )
     made = subprocess.run(["make"], cwd=rules, capture_output=True, text=True, timeout=30)
     assert made.returncode == 0, made.stderr
     assert "ostiary.cdb ostiary.tmp < ostiary" in made.stdout
     assert exchange(port, None, source="127.0.0.2") == b""
-    wait_for(lambda: re.search(r"tcpserver: deny \d+ .*127\.0\.0\.2", log_text(service)), 10,
-             "tcpserver's deny line")
+    wait_for(
+        lambda: re.search(r"tcpserver: deny \d+ .*127\.0\.0\.2", log_text(service)),
+        10,
+        "tcpserver's deny line",
+    )
     assert db.view().get(b"127.0.0.2") == record  # the handler never ran
     assert len(exchange(port, ACTION_SECRET)) == 32  # 127.0.0.1 is still served
     (rules / "ostiary").write_text(text)
@@ -478,8 +571,9 @@ def test_kill_takes_it_down_until_revived_across_svscan_restarts(deployed):
 
     scan.crash()  # a reboot: svscan, supervise and tcpserver all gone
     scan.start()
-    wait_for(lambda: subprocess.run(["svok", str(service)]).returncode == 0, 15,
-             "supervise to run again")
+    wait_for(
+        lambda: subprocess.run(["svok", str(service)]).returncode == 0, 15, "supervise to run again"
+    )
     time.sleep(1.5)  # supervise would have started ./run by now
     assert ": down " in svstat(service) and not listening(port)
     assert ": up " in svstat(service / "log")
@@ -488,18 +582,30 @@ def test_kill_takes_it_down_until_revived_across_svscan_restarts(deployed):
     subprocess.run(["svc", "-u", str(service)], check=True, timeout=10)
     wait_for(lambda: listening(port), 15, "svc -u before the revival")
     assert exchange(port, ACTION_SECRET) == b""
-    wait_for(lambda: "127.0.0.1 closed at once: service stopped: KILL from 127.0.0.1"
-             in log_text(service), 10, "the refusal's log line")
+    wait_for(
+        lambda: (
+            "127.0.0.1 closed at once: service stopped: KILL from 127.0.0.1" in log_text(service)
+        ),
+        10,
+        "the refusal's log line",
+    )
     subprocess.run(["svc", "-d", str(service)], check=True, timeout=10)
 
-    revive = subprocess.run([project_tool("ostiary-lockout"), "-c", str(cfg), "revive"],
-                            capture_output=True, text=True, timeout=30)
+    revive = subprocess.run(
+        [project_tool("ostiary-lockout"), "-c", str(cfg), "revive"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert revive.returncode == 0, revive.stderr
     (service / "down").unlink()
     up_and_serving(service, port)
     assert knock(port, ACTION_SECRET, base).returncode == 0
-    wait_for(lambda: log_text(service).count("knock from 127.0.0.1") >= 2, 10,
-             "an action after the revival")
+    wait_for(
+        lambda: log_text(service).count("knock from 127.0.0.1") >= 2,
+        10,
+        "an action after the revival",
+    )
 
 
 def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
@@ -507,8 +613,11 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
     require_tool("envdir")
     me = pwd.getpwuid(os.geteuid()).pw_name
     target, port = base / "svc", unused_port()
-    cfg = write_config(base / "ostiary.cfg", write_action(base / "action", "echo hi\n"),
-                       f"{target}/state/lockout.cdb")
+    cfg = write_config(
+        base / "ostiary.cfg",
+        write_action(base / "action", "echo hi\n"),
+        f"{target}/state/lockout.cdb",
+    )
     assert run_conf(me, me, str(target), str(cfg), "127.0.0.1", str(port)).returncode == 0
     bin_dir = base / "bin"  # what run needs, and no tcpserver
     bin_dir.mkdir()
@@ -520,9 +629,14 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
     (target / "env" / "PATH").write_text(f"{bin_dir}\n")
     if not IS_ROOT:
         (target / "env" / "ACCOUNT").write_text("root\n")  # only root can setuidgid
-    proc = subprocess.Popen(["./run"], cwd=target, env={"PATH": str(bin_dir)},
-                            start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["./run"],
+        cwd=target,
+        env={"PATH": str(bin_dir)},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: listening(port) or proc.poll() is not None, 15, "ostiary-tcpserver")
         assert proc.poll() is None, proc.stdout.read()
@@ -531,8 +645,9 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
         argv = cmdline.rstrip("\0").split("\0")
         assert any(a.endswith("ostiary-tcpserver") for a in argv), argv
-        assert argv[-12:-7] == ["-c", "10", "-x", f"{target}/tcprules/ostiary.cdb",
-                                "127.0.0.1"], argv
+        assert argv[-12:-7] == ["-c", "10", "-x", f"{target}/tcprules/ostiary.cdb", "127.0.0.1"], (
+            argv
+        )
         # the handler starts without site, under its own interpreter (bin/ostiary-handle)
         handler = project_tool("ostiary-handle")
         with open(handler) as f:
@@ -545,10 +660,14 @@ def test_run_uses_ostiary_tcpserver_without_tcpserver(base):
 
 # ---------------------------------------------------------------- inetd and xinetd
 
+
 def inetd_fields() -> list[str]:
     """Return the fields of the one service line in service/inetd/inetd.conf."""
-    lines = [ln for ln in (ROOT / "service/inetd/inetd.conf").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in (ROOT / "service/inetd/inetd.conf").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert len(lines) == 1
     return lines[0].split()
 
@@ -557,9 +676,11 @@ def inetd_setup(base: Path, marks: Path) -> Path:
     """Write a config whose action, run as root, leaves a mark; return the config."""
     action = write_action(base / "mark", f'echo "$1" >> {marks}/knocks\n')
     cfg = base / "inetd.cfg"
-    cfg.write_text(f'KILL="{KILL_SECRET.decode()}"\n'
-                   f'ACTION="{ACTION_SECRET.decode()}","{action}",0,0\n'
-                   f"DELAY=0\nLOCKOUT_DB={base}/lockout.cdb\n")
+    cfg.write_text(
+        f'KILL="{KILL_SECRET.decode()}"\n'
+        f'ACTION="{ACTION_SECRET.decode()}","{action}",0,0\n'
+        f"DELAY=0\nLOCKOUT_DB={base}/lockout.cdb\n"
+    )
     cfg.chmod(0o600)
     return cfg
 
@@ -567,8 +688,11 @@ def inetd_setup(base: Path, marks: Path) -> Path:
 def assert_only_the_salt(port: int, cfg: Path, marks: Path) -> None:
     """Full exchanges give exactly 32 bytes; a broken config gives none."""
     assert len(exchange(port, ACTION_SECRET)) == 32
-    wait_for(lambda: (marks / "knocks").exists()
-             and (marks / "knocks").read_text() == "127.0.0.1\n", 10, "the action's mark")
+    wait_for(
+        lambda: (marks / "knocks").exists() and (marks / "knocks").read_text() == "127.0.0.1\n",
+        10,
+        "the action's mark",
+    )
     assert len(exchange(port, None)) == 32
     good = cfg.read_text()
     cfg.write_text("KILL=\n")
@@ -608,9 +732,16 @@ def test_inetd_path_sends_nothing_but_the_salt(base):
             for _ in range(4):
                 conn, _ = listener.accept()
                 with conn:
-                    handlers.append(subprocess.Popen(
-                        argv, executable=project_tool("ostiary-handle"),
-                        stdin=conn, stdout=conn, stderr=conn, env={}))
+                    handlers.append(
+                        subprocess.Popen(
+                            argv,
+                            executable=project_tool("ostiary-handle"),
+                            stdin=conn,
+                            stdout=conn,
+                            stderr=conn,
+                            env={},
+                        )
+                    )
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
@@ -640,16 +771,19 @@ def test_real_xinetd_runs_the_shipped_stanza(base):
     stanza = stanza.replace("}", "\tbind\t\t= 127.0.0.1\n}")  # tests stay on loopback
     (base / "xinetd.conf").write_text(stanza)
     log = base / "xinetd.log"
-    proc = subprocess.Popen([xinetd, "-f", str(base / "xinetd.conf"), "-dontfork",
-                             "-filelog", str(log)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [xinetd, "-f", str(base / "xinetd.conf"), "-dontfork", "-filelog", str(log)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: log.exists() and "Started working" in log.read_text(), 10,
-                 "xinetd to start")
+        wait_for(
+            lambda: log.exists() and "Started working" in log.read_text(), 10, "xinetd to start"
+        )
         assert "Started working: 1 available service" in log.read_text(), log.read_text()
         wait_for(lambda: listening(port), 10, "xinetd to listen")
         assert_only_the_salt(port, cfg, marks)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
-

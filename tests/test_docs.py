@@ -1,4 +1,5 @@
 """The documentation: doc/ pages render to man pages, exit codes match the code, citations exist."""
+
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,6 @@ import subprocess
 import sysconfig
 
 import pytest
-
 from conftest import IN_CI, ROOT, require_tool
 
 DOC = ROOT / "doc"
@@ -43,8 +43,9 @@ def doctree(name: str):
     """Parse doc/NAME.rst, halting on any warning."""
     core = docutils_or_skip()
     source = (DOC / f"{name}.rst").read_text()
-    return core.publish_doctree(source, source_path=f"{name}.rst",
-                                settings_overrides={"halt_level": 2, "report_level": 2})
+    return core.publish_doctree(
+        source, source_path=f"{name}.rst", settings_overrides={"halt_level": 2, "report_level": 2}
+    )
 
 
 def sections(tree) -> dict[str, object]:
@@ -88,8 +89,12 @@ def test_every_page_renders_to_a_man_page_without_warnings(name: str, tmp_path) 
     from docutils.writers import manpage
 
     source = (DOC / f"{name}.rst").read_text()
-    page = core.publish_string(source, source_path=f"{name}.rst", writer=manpage.Writer(),
-                               settings_overrides={"halt_level": 2, "report_level": 2})
+    page = core.publish_string(
+        source,
+        source_path=f"{name}.rst",
+        writer=manpage.Writer(),
+        settings_overrides={"halt_level": 2, "report_level": 2},
+    )
     text = page.decode() if isinstance(page, bytes) else page
     title = rf'^\.TH "?{re.escape(name)}"? "?{MAN_PAGES[name]}"?'
     assert re.search(title, text, re.M | re.I), text[:400]
@@ -98,8 +103,9 @@ def test_every_page_renders_to_a_man_page_without_warnings(name: str, tmp_path) 
     out = tmp_path / f"{name}.{MAN_PAGES[name]}"
     out.write_text(text)
     env = {**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat", "LC_ALL": "C.UTF-8"}
-    done = subprocess.run(["man", "--warnings", "-l", str(out)], capture_output=True,
-                          text=True, env=env, timeout=60)
+    done = subprocess.run(
+        ["man", "--warnings", "-l", str(out)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "synopsis" in done.stdout.lower()
 
@@ -117,8 +123,13 @@ def test_make_man_writes_every_page(tmp_path) -> None:
     work = tmp_path / "doc"
     shutil.copytree(DOC, work, ignore=shutil.ignore_patterns("man"))
     path = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
-    done = subprocess.run([make, "-C", str(work), "man"], capture_output=True, text=True,
-                          env={**os.environ, "PATH": path}, timeout=300)
+    done = subprocess.run(
+        [make, "-C", str(work), "man"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     written = sorted(p.name for p in (work / "man").iterdir())
     assert written == sorted(f"{n}.{s}" for n, s in MAN_PAGES.items())
@@ -137,8 +148,9 @@ def test_every_cited_test_exists() -> None:
     missing = []
     for doc, file, name in citations:
         path = ROOT / (file if file.startswith("tests/") else f"tests/{file}")
-        if not path.is_file() or not re.search(rf"^\s*(?:async\s+)?def {name}\(",
-                                               path.read_text(), re.M):
+        if not path.is_file() or not re.search(
+            rf"^\s*(?:async\s+)?def {name}\(", path.read_text(), re.M
+        ):
             missing.append(f"{doc}: {file}::{name}")
     assert not missing, "stale citations:\n" + "\n".join(missing)
 

@@ -1,4 +1,5 @@
 """Doors: an ACTION's UNDO runs once, at the latest deadline, even when its runner dies."""
+
 import json
 import os
 import signal
@@ -6,11 +7,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from conftest import project_tool
+from kit.procs import wait_for
 from kit.site import KILL, OPEN, Rig
 from kit.wire import SALT_LEN, talk, tcp_pair
-from kit.procs import wait_for
 
 from ostiary_ucspi import doors
 from ostiary_ucspi import log as logmod
@@ -23,8 +23,9 @@ def undo_config(rig: Rig, delay: int, *, code: int = 0) -> None:
     rig.action("undo", code=code)
     rig.write_config(open_action=False)
     text = rig.cfg.read_text()
-    rig.cfg.write_text(f'ACTION="{OPEN.decode()}","{rig.bin}/open"\n'
-                       f'UNDO={delay},"{rig.bin}/undo"\n' + text)
+    rig.cfg.write_text(
+        f'ACTION="{OPEN.decode()}","{rig.bin}/open"\nUNDO={delay},"{rig.bin}/undo"\n' + text
+    )
 
 
 def knock(rig: Rig) -> float:
@@ -68,16 +69,26 @@ def sleep_past_close(rig: Rig, extra: float = 0.2) -> None:
 
 
 def lockout(rig: Rig, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([project_tool("ostiary-lockout"), "-c", str(rig.cfg), *args],
-                          capture_output=True, text=True, timeout=60, env=rig.env())
+    return subprocess.run(
+        [project_tool("ostiary-lockout"), "-c", str(rig.cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=rig.env(),
+    )
 
 
 def sweep(rig: Rig) -> subprocess.CompletedProcess:
     """``ostiary-lockout sweep`` as run starts it: its stderr (and its waiters') is the log."""
     with open(rig.log, "ab") as log:
-        return subprocess.run([project_tool("ostiary-lockout"), "-c", str(rig.cfg), "sweep"],
-                              stdout=subprocess.PIPE, stderr=log, text=True, timeout=60,
-                              env=rig.env())
+        return subprocess.run(
+            [project_tool("ostiary-lockout"), "-c", str(rig.cfg), "sweep"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            timeout=60,
+            env=rig.env(),
+        )
 
 
 def door_list(rig: Rig) -> list[dict]:
@@ -163,8 +174,15 @@ def test_two_sweepers_racing_on_one_overdue_door_run_it_once(rig: Rig) -> None:
     kill_runners(rig)
     sleep_past_close(rig)
     tool = project_tool("ostiary-lockout")
-    procs = [subprocess.Popen([tool, "-c", str(rig.cfg), "sweep"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=rig.env()) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [tool, "-c", str(rig.cfg), "sweep"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=rig.env(),
+        )
+        for _ in range(4)
+    ]
     for p in procs:
         assert p.wait(60) == 0
     time.sleep(0.3)
@@ -177,8 +195,9 @@ def test_a_failing_undo_is_retried_then_left_failed(rig: Rig, monkeypatch, capfd
     store = Store(str(rig.db))
     close_at = doors.arm(store, 1, "192.0.2.7", undo, 0, os.getuid(), os.getgid(), time.time())
     monkeypatch.setattr(doors, "BACKOFF", (1, 1, 1, 1))
-    doors.keep_closing(store, doors.door_key(1, "192.0.2.7"), close_at,
-                       logmod.Log("ostiary-handle", logmod.INFO))
+    doors.keep_closing(
+        store, doors.door_key(1, "192.0.2.7"), close_at, logmod.Log("ostiary-handle", logmod.INFO)
+    )
     assert len(undo_times(rig)) == doors.MAX_ATTEMPTS
     err = capfd.readouterr().err
     assert err.count(": error: 192.0.2.7 undo ") == doors.MAX_ATTEMPTS
@@ -249,9 +268,14 @@ def test_actions_start_with_every_signal_default_and_none_blocked(rig: Rig) -> N
     script = rig.bin / "open"
     script.write_text(f"#!/bin/sh\nexec grep ^Sig /proc/self/status > {rig.out}/signals\n")
     client, server = tcp_pair()
-    proc = subprocess.Popen(rig.argv(), stdin=server, stdout=server, stderr=subprocess.DEVNULL,
-                            env=rig.env({"TCPREMOTEIP": "127.0.0.1"}),
-                            preexec_fn=ignore_and_block)
+    proc = subprocess.Popen(
+        rig.argv(),
+        stdin=server,
+        stdout=server,
+        stderr=subprocess.DEVNULL,
+        env=rig.env({"TCPREMOTEIP": "127.0.0.1"}),
+        preexec_fn=ignore_and_block,
+    )
     server.close()
     assert len(talk(client, OPEN)) == SALT_LEN
     assert proc.wait(15) == 0
@@ -289,6 +313,7 @@ def test_a_failed_door_does_not_make_every_connection_sweep(rig: Rig) -> None:
         tx.put(key, door.encode())
         doors.reindex(tx, [key])
     from ostiary_ucspi.policy import doors_due
+
     assert not doors_due(store.view(), int(time.time()))
     assert [d["state"] for d in door_list(rig)] == ["failed"]  # still shown to the operator
     h = rig.start(remote_ip="192.0.2.99")

@@ -4,6 +4,7 @@ Every firewall command runs as root inside a network namespace the test creates
 and deletes (``ip netns``), never in the host's own ruleset. The samples run as
 ostiary starts an action: argv [path, address], the environment PATH only.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -14,16 +15,16 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import IN_CI, ROOT, project_tool, require_tool
+from kit.procs import wait_for
+from kit.servers import Handler
 from kit.site import OPEN, Rig
 from kit.wire import SALT_LEN, tcp_pair
-from kit.servers import Handler
-from kit.procs import wait_for
+
 from ostiary_ucspi.actions import SAFE_PATH
 from ostiary_ucspi.address import parse
 
@@ -37,12 +38,41 @@ CHECK_START, CHECK_END = "# --- address check:", "# --- end of the address check
 TIMEOUT_LINE = re.compile(r"^TIMEOUT=(\d+)$", re.M)
 ADDRESSES = [("192.0.2.7", "4"), ("2001:db8::7", "6"), ("::0.2.0.3", "6")]
 REFUSED = [
-    "", "300.1.1.1", "01.2.3.4", "::", "0.0.0.0", "192.0.2.7; reboot",
-    "192.0.2.7 }; flush ruleset; {", "192.0.2.7\n10.0.0.1", " 192.0.2.7", "192.0.2.7 ", "-j",
-    "*", "example.com", "1.2.3", "1.2.3.4.5", "1..2.3", ".1.2.3", "1.2.3.", "1234.1.1.1111",
-    "192.0.2.0/24", "2001:db8::/64", "2001:db8::7%eth0", "2001:DB8::7", "2001:db8:0:0:1:0:0:1",
-    "2001:0db8::7", "::2:3", "::ffff:1.2.3.4", "::ffff:102:304", "1:2:3:4:5:6:7:8:",
-    "1::2::3", ":::", "2001:db8::g", "0:0:0:0:0:0:0:0:0:0:0:0:0:0", "a"]
+    "",
+    "300.1.1.1",
+    "01.2.3.4",
+    "::",
+    "0.0.0.0",
+    "192.0.2.7; reboot",
+    "192.0.2.7 }; flush ruleset; {",
+    "192.0.2.7\n10.0.0.1",
+    " 192.0.2.7",
+    "192.0.2.7 ",
+    "-j",
+    "*",
+    "example.com",
+    "1.2.3",
+    "1.2.3.4.5",
+    "1..2.3",
+    ".1.2.3",
+    "1.2.3.",
+    "1234.1.1.1111",
+    "192.0.2.0/24",
+    "2001:db8::/64",
+    "2001:db8::7%eth0",
+    "2001:DB8::7",
+    "2001:db8:0:0:1:0:0:1",
+    "2001:0db8::7",
+    "::2:3",
+    "::ffff:1.2.3.4",
+    "::ffff:102:304",
+    "1:2:3:4:5:6:7:8:",
+    "1::2::3",
+    ":::",
+    "2001:db8::g",
+    "0:0:0:0:0:0:0:0:0:0:0:0:0:0",
+    "a",
+]
 
 
 class Netns:
@@ -51,11 +81,17 @@ class Netns:
     def __init__(self, ip: str, name: str) -> None:
         self.ip, self.name = ip, name
 
-    def run(self, *argv: str | Path, path: str = SAFE_PATH,
-            stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([self.ip, "netns", "exec", self.name, *map(str, argv)],
-                              env={"PATH": path}, input=stdin, capture_output=True, text=True,
-                              timeout=30)
+    def run(
+        self, *argv: str | Path, path: str = SAFE_PATH, stdin: str | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.ip, "netns", "exec", self.name, *map(str, argv)],
+            env={"PATH": path},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     def ok(self, *argv: str | Path, path: str = SAFE_PATH) -> str:
         r = self.run(*argv, path=path)
@@ -135,13 +171,20 @@ def test_open_lets_the_address_in_and_close_takes_it_out(netns, kind, address, f
 def test_a_knock_opens_the_door_and_its_undo_closes_it(netns, rig: Rig, kind):
     """ostiary-handle runs in the namespace: its ACTION and UNDO are the samples."""
     load_base(netns, kind)
-    rig.write_config(f'ACTION="{OPEN.decode()}","{ACTIONS / OPENERS[kind]}",0,0',
-                     f'UNDO=3,"{ACTIONS / CLOSERS[kind]}"', open_action=False)
+    rig.write_config(
+        f'ACTION="{OPEN.decode()}","{ACTIONS / OPENERS[kind]}",0,0',
+        f'UNDO=3,"{ACTIONS / CLOSERS[kind]}"',
+        open_action=False,
+    )
     client, server = tcp_pair()
     with open(rig.log, "ab") as log:
-        proc = subprocess.Popen([netns.ip, "netns", "exec", netns.name, *rig.argv()],
-                                stdin=server, stdout=server, stderr=log,
-                                env=rig.env({"TCPREMOTEIP": "2001:db8::7"}))
+        proc = subprocess.Popen(
+            [netns.ip, "netns", "exec", netns.name, *rig.argv()],
+            stdin=server,
+            stdout=server,
+            stderr=log,
+            env=rig.env({"TCPREMOTEIP": "2001:db8::7"}),
+        )
     server.close()
     rig.procs.append(proc)
     assert len(Handler(proc, client).talk(OPEN)) == SALT_LEN
@@ -218,7 +261,7 @@ def address_check() -> str:
     for script in SAMPLES:
         text = (ACTIONS / script).read_text()
         start = text.index(CHECK_START)
-        blocks.add(text[start:text.index(CHECK_END, start) + len(CHECK_END)])
+        blocks.add(text[start : text.index(CHECK_END, start) + len(CHECK_END)])
     assert len(blocks) == 1, "the samples' address checks differ"
     return blocks.pop()
 
@@ -226,13 +269,21 @@ def address_check() -> str:
 def spellings(rng: random.Random) -> Iterator[str]:
     """Addresses as a client might show up, zeros and IPv4 tails favoured."""
     for _ in range(150):
-        yield ".".join(str(rng.choice([0, 1, 9, 10, 99, 100, 199, 200, 249, 250, 255,
-                                       rng.randrange(256)])) for _ in range(4))
+        yield ".".join(
+            str(rng.choice([0, 1, 9, 10, 99, 100, 199, 200, 249, 250, 255, rng.randrange(256)]))
+            for _ in range(4)
+        )
     for _ in range(250):
         words = [rng.choice([0, 0, 0, 1, 0xFFFF, rng.randrange(0x10000)]) for _ in range(8)]
         packed = ipaddress.IPv6Address(b"".join(w.to_bytes(2, "big") for w in words))
-        yield rng.choice([packed.exploded, packed.compressed, str(packed).upper(),
-                          ":".join(f"{w:x}" for w in words)])
+        yield rng.choice(
+            [
+                packed.exploded,
+                packed.compressed,
+                str(packed).upper(),
+                ":".join(f"{w:x}" for w in words),
+            ]
+        )
 
 
 def test_the_address_check_takes_exactly_what_the_handler_hands_on(tmp_path):
@@ -246,8 +297,9 @@ def test_the_address_check_takes_exactly_what_the_handler_hands_on(tmp_path):
         except ValueError:
             canonical = None
         for given in {text, canonical} - {None}:
-            r = subprocess.run([script, given], env={"PATH": SAFE_PATH}, capture_output=True,
-                               text=True, timeout=10)
+            r = subprocess.run(
+                [script, given], env={"PATH": SAFE_PATH}, capture_output=True, text=True, timeout=10
+            )
             fine = given == canonical and canonical not in ("0.0.0.0", "::")
             assert r.returncode == (0 if fine else 100), (text, given, canonical, r.stdout)
 
@@ -270,8 +322,9 @@ def test_the_lockout_refill_replaces_the_sets_and_keeps_them_when_export_fails(n
     refill = ACTIONS / "refill-lockout-nft"
 
     def locked() -> str:
-        return netns.ok("nft", "list", "set", "inet", "ostiary", "locked4") + \
-            netns.ok("nft", "list", "set", "inet", "ostiary", "locked6")
+        return netns.ok("nft", "list", "set", "inet", "ostiary", "locked4") + netns.ok(
+            "nft", "list", "set", "inet", "ostiary", "locked6"
+        )
 
     netns.ok("nft", "-f", NFT_BASE)
     for address in ("192.0.2.7", "198.51.100.1", "2001:db8:1::/64"):
@@ -286,6 +339,8 @@ def test_the_lockout_refill_replaces_the_sets_and_keeps_them_when_export_fails(n
     for argv in ((refill, cfg), (refill, tmp_path / "missing.cfg")):
         r = netns.run(*argv, path=path)
         assert r.returncode == 111, (r.stdout, r.stderr)
-        assert r.stderr.endswith("refill-lockout-nft: fatal: unable to run ostiary-lockout export;"
-                                 " the sets are left as they were\n"), r.stderr
+        assert r.stderr.endswith(
+            "refill-lockout-nft: fatal: unable to run ostiary-lockout export;"
+            " the sets are left as they were\n"
+        ), r.stderr
         assert locked() == kept

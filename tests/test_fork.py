@@ -1,4 +1,5 @@
 """ostiary-tcpserver -F: the forked child gets what the exec'd program gets, and serves the same."""
+
 import json
 import os
 import signal
@@ -11,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import project_tool
-from kit.site import KILL, OPEN, Rig
-from kit.wire import knock, SALT_LEN
 from kit.procs import wait_for
+from kit.site import KILL, OPEN, Rig
+from kit.wire import SALT_LEN, knock
 
 from ostiary_ucspi.policy import STOPPED
 
@@ -51,9 +52,13 @@ def clean_signals() -> None:
 def shim(*args: str, env: dict[str, str], log: Path) -> Iterator[int]:
     """Run ostiary-tcpserver -1 ... on 127.0.0.1; yield the port it printed."""
     with open(log, "ab") as err:
-        proc = subprocess.Popen([project_tool("ostiary-tcpserver"), "-1", *args],
-                                stdout=subprocess.PIPE, stderr=err, env=env,
-                                preexec_fn=clean_signals)
+        proc = subprocess.Popen(
+            [project_tool("ostiary-tcpserver"), "-1", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            preexec_fn=clean_signals,
+        )
     try:
         port = int(proc.stdout.readline())
         yield port
@@ -70,13 +75,18 @@ def recorded(tmp_path: Path, fork: bool) -> dict:
     script.chmod(0o755)
     out = tmp_path / ("fork.json" if fork else "exec.json")
     # LC_ALL set: an exec'd Python adds no LC_CTYPE of its own (PEP 538 coercion).
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "ODD": "a b\tc",
-           "LC_ALL": "C.UTF-8"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(tmp_path),
+        "ODD": "a b\tc",
+        "LC_ALL": "C.UTF-8",
+    }
     # -r (ident, refused at once on loopback) keeps the exec'd program off the posix_spawn
     # path, whose glibc leaves its internal signals 32 and 33 ignored in the program.
     flags = ["-Hrl0", "-t1", "-x", str(rules(tmp_path))] + (["-F", "recorder"] if fork else [])
-    with shim(*flags, "127.0.0.1", "0", str(script), str(out), "extra arg", env=env,
-              log=tmp_path / "log") as port:
+    with shim(
+        *flags, "127.0.0.1", "0", str(script), str(out), "extra arg", env=env, log=tmp_path / "log"
+    ) as port:
         knock(port)
         wait_for(out.exists, 10, "the recorder")
         time.sleep(0.1)
@@ -86,8 +96,11 @@ def recorded(tmp_path: Path, fork: bool) -> dict:
 def rules(tmp_path: Path) -> Path:
     """A rules CDB that sets a variable, as tcprules would."""
     cdb = tmp_path / "rules.cdb"
-    subprocess.run([project_tool("ostiary-tcprules"), str(cdb), str(tmp_path / "rules.tmp")],
-                   input=b':allow,RULEVAR="from the rules"\n', check=True)
+    subprocess.run(
+        [project_tool("ostiary-tcprules"), str(cdb), str(tmp_path / "rules.tmp")],
+        input=b':allow,RULEVAR="from the rules"\n',
+        check=True,
+    )
     return cdb
 
 
@@ -111,8 +124,12 @@ def test_the_listening_socket_is_not_inherited(tmp_path: Path) -> None:
 
 
 def test_an_unimportable_module_is_fatal(tmp_path: Path) -> None:
-    r = subprocess.run([project_tool("ostiary-tcpserver"), "-F", "no_such_module_here",
-                        "127.0.0.1", "0", "true"], capture_output=True, text=True, timeout=10)
+    r = subprocess.run(
+        [project_tool("ostiary-tcpserver"), "-F", "no_such_module_here", "127.0.0.1", "0", "true"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert r.returncode == 111
     assert r.stderr.startswith("ostiary-tcpserver: fatal: unable to import no_such_module_here: ")
 
@@ -120,8 +137,19 @@ def test_an_unimportable_module_is_fatal(tmp_path: Path) -> None:
 @contextmanager
 def forking(rig: Rig) -> Iterator[int]:
     """The handler behind ostiary-tcpserver -F, the rig's config; yield the port."""
-    with shim("-v", "-HRl0", "-F", "ostiary_ucspi.handle", "127.0.0.1", "0",
-              "ostiary-handle", "-c", str(rig.cfg), env=rig.env(), log=rig.log) as port:
+    with shim(
+        "-v",
+        "-HRl0",
+        "-F",
+        "ostiary_ucspi.handle",
+        "127.0.0.1",
+        "0",
+        "ostiary-handle",
+        "-c",
+        str(rig.cfg),
+        env=rig.env(),
+        log=rig.log,
+    ) as port:
         yield port
 
 
@@ -138,8 +166,10 @@ def test_a_config_edit_is_seen_at_the_next_connection(rig: Rig) -> None:
 def test_lockout_kill_actions_undo_and_32_bytes_only(rig: Rig) -> None:
     rig.action("undo")
     rig.write_config(open_action=False)
-    rig.cfg.write_text(f'ACTION="{OPEN.decode()}","{rig.bin}/open"\nUNDO=1,"{rig.bin}/undo"\n'
-                       + rig.cfg.read_text())
+    rig.cfg.write_text(
+        f'ACTION="{OPEN.decode()}","{rig.bin}/open"\nUNDO=1,"{rig.bin}/undo"\n'
+        + rig.cfg.read_text()
+    )
     with forking(rig) as port:
         for _ in range(3):  # wrong, far too long: only 32 bytes come back, ever
             got = knock(port, response_bytes=b"w" * 100)
@@ -154,4 +184,3 @@ def test_lockout_kill_actions_undo_and_32_bytes_only(rig: Rig) -> None:
         wait_for(lambda: rig.store_view().get(STOPPED), 10, "the stopped state")
         assert knock(port, OPEN, source="127.0.0.4") == b""
     assert os.path.exists(rig.db)
-

@@ -7,6 +7,7 @@ nothing hangs. Inputs are random bytes, inputs built to pass the first checks
 their grammar) and mutations of both. Derandomized, so CI runs the same
 inputs every time; FUZZ_EXAMPLES scales how many.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,13 @@ from ostiary_ucspi.store import MAGIC, Journal, StoreCorrupt, journal_lines
 from ostiary_ucspi.ucspi.tcprules import Fatal, parse_rules
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
-SETTINGS = dict(deadline=None, derandomize=True, database=None, max_examples=EXAMPLES,
-                suppress_health_check=list(HealthCheck))
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    max_examples=EXAMPLES,
+    suppress_health_check=list(HealthCheck),
+)
 
 words = st.binary(min_size=0, max_size=24)
 records = st.dictionaries(words, words, min_size=1, max_size=6)
@@ -77,15 +83,17 @@ def test_checksummed_journals_of_hostile_records_and_their_mutations(txs, change
     for tx in txs:
         data += journal_lines(tx, zlib.crc32(data))
     check_journal(data)
-    check_journal(data[:len(data) - cut])
+    check_journal(data[: len(data) - cut])
     check_journal(mutate(data, changes))
 
 
 rule_address = st.one_of(st.just(b""), st.from_regex(rb"\A[0-9.:a-f=@-]{0,20}\Z"), words)
 rule_line = st.builds(
     lambda a, verb, var: a + b":" + verb + var,
-    rule_address, st.sampled_from([b"allow", b"deny", b"allowed", b"", b"deny "]),
-    st.one_of(st.just(b""), st.from_regex(rb'\A,[A-Z_]{0,6}=?("[^"\n]{0,8}"?)?\Z'), words))
+    rule_address,
+    st.sampled_from([b"allow", b"deny", b"allowed", b"", b"deny "]),
+    st.one_of(st.just(b""), st.from_regex(rb'\A,[A-Z_]{0,6}=?("[^"\n]{0,8}"?)?\Z'), words),
+)
 
 
 def check_rules(data: bytes) -> None:
@@ -106,10 +114,26 @@ def test_tcprules_lines_and_their_mutations(lines, changes):
 
 config_line = st.builds(
     lambda k, v: k + "=" + v,
-    st.sampled_from(["KILL", "ACTION", "LOCKOUT_ACTION", "UNDO", "LOCKOUT_DB", "DELAY",
-                     "MAX_BAD_CONNS", "IPV6_PREFIX", "DEFAULT_UID", "MIN_LOGLEVEL", "X"]),
-    st.one_of(st.from_regex(r'\A"[^"\n]{0,12}"(,"/[a-z/]{0,8}")?(,[0-9]{0,4}){0,2}\Z'),
-              st.text(max_size=16)))
+    st.sampled_from(
+        [
+            "KILL",
+            "ACTION",
+            "LOCKOUT_ACTION",
+            "UNDO",
+            "LOCKOUT_DB",
+            "DELAY",
+            "MAX_BAD_CONNS",
+            "IPV6_PREFIX",
+            "DEFAULT_UID",
+            "MIN_LOGLEVEL",
+            "X",
+        ]
+    ),
+    st.one_of(
+        st.from_regex(r'\A"[^"\n]{0,12}"(,"/[a-z/]{0,8}")?(,[0-9]{0,4}){0,2}\Z'),
+        st.text(max_size=16),
+    ),
+)
 
 
 @settings(**SETTINGS)

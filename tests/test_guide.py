@@ -1,4 +1,5 @@
 """The deployment guide on a real box: the four places it broke (issue 16, section 4)."""
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import project_tool, require_tool
 from kit.servers import unused_port
+
 from ostiary_ucspi import supervise
 
 IS_ROOT = os.geteuid() == 0
@@ -65,6 +66,7 @@ def check(cfg: Path, user: str | None = None) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------ run backs off an unbindable address
 
+
 def test_run_backs_off_when_the_address_cannot_be_bound(base):
     """192.0.2.1 (the guide's own example) cannot be bound here: one short line every 5 s."""
     require_tool("supervise")
@@ -73,8 +75,9 @@ def test_run_backs_off_when_the_address_cannot_be_bound(base):
     assert r.returncode == 0, r.stderr
     out = base / "out"
     with open(out, "wb") as sink:
-        sup = subprocess.Popen(["supervise", str(target)], stdout=sink, stderr=sink,
-                               start_new_session=True)
+        sup = subprocess.Popen(
+            ["supervise", str(target)], stdout=sink, stderr=sink, start_new_session=True
+        )
     try:
         time.sleep(7)  # without the back-off: seven restarts
     finally:
@@ -90,13 +93,16 @@ def test_run_backs_off_when_the_address_cannot_be_bound(base):
 
 # ------------------------------------------ --check opens the store as the account
 
+
 def store_config(base: Path, owner: str) -> tuple[Path, Path]:
     """Write a valid config (owned by ``owner``) whose store is base/state."""
     state = base / "state"
     state.mkdir(mode=0o700)
     cfg = base / "ostiary.cfg"
-    cfg.write_text('KILL="kill-passphrase-long"\nACTION="action-passphrase-1","/bin/true"\n'
-                   f'LOCKOUT_DB="{state}/lockout.cdb"\n')
+    cfg.write_text(
+        'KILL="kill-passphrase-long"\nACTION="action-passphrase-1","/bin/true"\n'
+        f'LOCKOUT_DB="{state}/lockout.cdb"\n'
+    )
     cfg.chmod(0o600)
     pw = pwd.getpwnam(owner)
     os.chown(cfg, pw.pw_uid, pw.pw_gid)
@@ -117,7 +123,8 @@ def test_check_fails_when_the_account_cannot_use_the_store(base):
     # nobody cannot enter root's directory; we (not root) can, but not write in it
     where = f"state directory {state}" if IS_ROOT else f"{state}/lockout.cdb.lock"
     assert f"ostiary-handle: fatal: lockout store: unable to open {where}: Permission denied" in (
-        r.stderr)
+        r.stderr
+    )
     assert "ok" not in r.stdout.split()
     # Once the account owns its state directory the same check passes.
     if IS_ROOT:
@@ -154,6 +161,7 @@ def test_check_fails_on_a_store_file_the_account_cannot_write(base):
 
 # ------------------------------------------------- revive's advice fits the machine
 
+
 def machine(root: Path, files: dict[str, str]) -> None:
     """Lay out ``files`` (relative path: text) under ``root``."""
     for name, text in files.items():
@@ -162,25 +170,46 @@ def machine(root: Path, files: dict[str, str]) -> None:
         path.write_text(text)
 
 
-@pytest.mark.parametrize("layout, expected, absent", [
-    ({"etc/service/ostiary/env/CONFIG": "/etc/ostiary.cfg\n# comment\n",
-      "etc/service/other/env/CONFIG": "/etc/other.cfg\n"},
-     ["{root}/etc/service/ostiary was also taken down; bring it up: "
-      "rm {root}/etc/service/ostiary/down; svc -u {root}/etc/service/ostiary"],
-     ["other", "SERVICEDIR", "systemd"]),
-    ({"lib/systemd/system/ostiary.socket": "[Socket]\n"},
-     ["systemd: ostiary.socket kept accepting; serving again now "
-      "(if you stopped it: systemctl start ostiary.socket)"],
-     ["SERVICEDIR", "svc -u"]),
-    ({"etc/xinetd.d/ostiary": "service ostiary\n"},
-     ["xinetd: it kept accepting; serving again now"], ["SERVICEDIR", "systemd"]),
-    ({"etc/inetd.conf": "#7050 stream tcp nowait root /usr/bin/ostiary-handle x\n"},
-     ["rm SERVICEDIR/down; svc -u SERVICEDIR", "under inetd, xinetd or systemd"], ["inetd: it"]),
-    ({"etc/inetd.conf": "7050 stream tcp nowait root /usr/bin/ostiary-handle x\n"},
-     ["inetd: it kept accepting; serving again now"], ["SERVICEDIR"]),
-])
-def test_revive_advice_names_what_runs_the_handler(tmp_path, monkeypatch, layout, expected,
-                                                   absent):
+@pytest.mark.parametrize(
+    "layout, expected, absent",
+    [
+        (
+            {
+                "etc/service/ostiary/env/CONFIG": "/etc/ostiary.cfg\n# comment\n",
+                "etc/service/other/env/CONFIG": "/etc/other.cfg\n",
+            },
+            [
+                "{root}/etc/service/ostiary was also taken down; bring it up: "
+                "rm {root}/etc/service/ostiary/down; svc -u {root}/etc/service/ostiary"
+            ],
+            ["other", "SERVICEDIR", "systemd"],
+        ),
+        (
+            {"lib/systemd/system/ostiary.socket": "[Socket]\n"},
+            [
+                "systemd: ostiary.socket kept accepting; serving again now "
+                "(if you stopped it: systemctl start ostiary.socket)"
+            ],
+            ["SERVICEDIR", "svc -u"],
+        ),
+        (
+            {"etc/xinetd.d/ostiary": "service ostiary\n"},
+            ["xinetd: it kept accepting; serving again now"],
+            ["SERVICEDIR", "systemd"],
+        ),
+        (
+            {"etc/inetd.conf": "#7050 stream tcp nowait root /usr/bin/ostiary-handle x\n"},
+            ["rm SERVICEDIR/down; svc -u SERVICEDIR", "under inetd, xinetd or systemd"],
+            ["inetd: it"],
+        ),
+        (
+            {"etc/inetd.conf": "7050 stream tcp nowait root /usr/bin/ostiary-handle x\n"},
+            ["inetd: it kept accepting; serving again now"],
+            ["SERVICEDIR"],
+        ),
+    ],
+)
+def test_revive_advice_names_what_runs_the_handler(tmp_path, monkeypatch, layout, expected, absent):
     monkeypatch.delenv(supervise.ENV, raising=False)
     monkeypatch.setattr(supervise, "ROOT", str(tmp_path))
     machine(tmp_path, layout)
@@ -194,6 +223,7 @@ def test_revive_advice_names_what_runs_the_handler(tmp_path, monkeypatch, layout
 
 # ----------------------------------------- ostiary-conf refuses before creating anything
 
+
 def test_conf_without_root_for_other_accounts_creates_nothing(base):
     target, cfg = base / "svc", base / "ostiary.cfg"
     if IS_ROOT:
@@ -202,5 +232,8 @@ def test_conf_without_root_for_other_accounts_creates_nothing(base):
     else:
         r = conf("root", ME, str(target), str(cfg))
     assert r.returncode == 111
-    assert r.stderr == "ostiary-conf: fatal: must be run as root to give files to root: nothing created\n"
+    assert (
+        r.stderr
+        == "ostiary-conf: fatal: must be run as root to give files to root: nothing created\n"
+    )
     assert not target.exists() and not cfg.exists()

@@ -1,4 +1,5 @@
 """ostiary-handle through real sockets: wire, lockout, store, KILL, addresses, inetd, logs."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import project_tool
 from kit.damage import CORRUPTIONS, journal
 from kit.procs import wait_for, wait_quiet
@@ -20,6 +20,7 @@ from kit.servers import TcpServer
 from kit.site import KILL, OPEN, Rig
 from kit.vectors import OSTIARY
 from kit.wire import SALT_LEN, read_to_eof, response, tcp_pair
+
 from ostiary_ucspi import protocol
 from ostiary_ucspi.policy import STOPPED, Entry
 from ostiary_ucspi.store import Store
@@ -63,12 +64,15 @@ def test_right_response_gets_the_salt_only_and_runs_the_action(rig: Rig):
     assert len(rig.wait_log("action 1 ", 4)) == 4  # starting + finished, twice
 
 
-@pytest.mark.parametrize("kind, talk_kw, problem", [
-    ("wrong", {"response_bytes": WRONG}, "wrong response"),
-    ("short", {"response_bytes": b"x" * 10}, "hang-up after 10 bytes"),
-    ("empty", {"response_bytes": b""}, "hang-up after 0 bytes"),
-    ("slow", {"hold": True}, "timeout after 0 bytes"),
-])
+@pytest.mark.parametrize(
+    "kind, talk_kw, problem",
+    [
+        ("wrong", {"response_bytes": WRONG}, "wrong response"),
+        ("short", {"response_bytes": b"x" * 10}, "hang-up after 10 bytes"),
+        ("empty", {"response_bytes": b""}, "hang-up after 0 bytes"),
+        ("slow", {"hold": True}, "timeout after 0 bytes"),
+    ],
+)
 def test_bad_responses_get_the_salt_and_a_strike(rig: Rig, kind, talk_kw, problem):
     rig.write_config(COMM_TIMEOUT="1")
     h = rig.start()
@@ -119,7 +123,7 @@ def test_slow_drip_is_cut_at_one_overall_deadline(rig: Rig):
             sent += 1
             if h.client.recv(1) == b"":  # waits a second for the close: a byte a second
                 break
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (BrokenPipeError, ConnectionResetError):
             break
@@ -172,8 +176,12 @@ def test_lockout_after_max_bad_conns_persists_across_handlers(rig: Rig):
 
 def test_every_kind_of_failure_counts(rig: Rig):
     rig.write_config(MAX_BAD_CONNS="4", COMM_TIMEOUT="1")
-    for kw in ({"response_bytes": WRONG}, {"response_bytes": b"short"},
-               {"response_bytes": b""}, {"hold": True}):
+    for kw in (
+        {"response_bytes": WRONG},
+        {"response_bytes": b"short"},
+        {"response_bytes": b""},
+        {"hold": True},
+    ):
         got, rc = rig.handle(talk_kw=kw)
         assert (len(got), rc) == (SALT_LEN, 0)
     assert rig.entry().strikes == 4
@@ -207,8 +215,7 @@ def put_entry(rig: Rig, key: bytes, strikes: int, locked_since: int, age: int) -
 
 def test_a_charge_whose_handler_died_is_made_final_once(rig: Rig):
     rig.action("lockout")
-    rig.write_config(f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="3",
-                     COMM_TIMEOUT="1")
+    rig.write_config(f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="3", COMM_TIMEOUT="1")
     put_entry(rig, b"127.0.0.1", 3, 0, age=60)  # its third handler was killed mid-exchange
     for _ in range(3):
         assert rig.handle(OPEN) == (b"", 0)
@@ -243,8 +250,7 @@ def test_a_lock_runs_out_after_lockout_expire(rig: Rig):
 
 def test_fifty_parallel_bad_connections_get_at_most_max_bad_conns_salts(rig: Rig):
     rig.action("lockout")
-    rig.write_config(f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="3",
-                     COMM_TIMEOUT="5")
+    rig.write_config(f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="3", COMM_TIMEOUT="5")
     start = threading.Barrier(50)
 
     def attack(_):
@@ -417,8 +423,12 @@ def test_missing_state_directory_is_a_clear_fatal(rig: Rig):
 
 def revive(rig: Rig) -> None:
     """What an operator does: ``ostiary-lockout -c FILE revive``."""
-    subprocess.run([project_tool("ostiary-lockout"), "-c", str(rig.cfg), "revive"],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        [project_tool("ostiary-lockout"), "-c", str(rig.cfg), "revive"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def test_kill_stops_the_service_until_revived(rig: Rig):
@@ -452,8 +462,9 @@ def test_kill_without_supervise_still_marks_the_service_down_and_says_so(rig: Ri
     got, rc = rig.handle(KILL, env=env)
     assert (len(got), rc) == (SALT_LEN, 0)
     assert (service / "down").exists()
-    line = rig.wait_log(f"unable to take {service} down: {service}/supervise/control: "
-                        "supervise is not running")
+    line = rig.wait_log(
+        f"unable to take {service} down: {service}/supervise/control: supervise is not running"
+    )
     assert line[0].startswith("ostiary-handle: error: ")
     assert not any("supervise told" in x for x in rig.lines())
     assert rig.store_view().get(STOPPED) is not None
@@ -542,8 +553,9 @@ def test_ipv4_mapped_ipv6_is_ipv4(rig: Rig, remote_ip):
 
 def run_on(rig: Rig, fd0, fd1, env=None) -> int:
     with open(rig.log, "ab") as log:
-        return subprocess.run(rig.argv(), stdin=fd0, stdout=fd1, stderr=log,
-                              env=rig.env(env), timeout=30).returncode
+        return subprocess.run(
+            rig.argv(), stdin=fd0, stdout=fd1, stderr=log, env=rig.env(env), timeout=30
+        ).returncode
 
 
 @pytest.mark.parametrize("how", ["unix socket", "pipe", "bad TCPREMOTEIP"])
@@ -594,6 +606,7 @@ def test_inetd_puts_nothing_but_the_salt_on_the_wire(rig: Rig):
 
 def test_inetd_logs_one_line_per_event_to_syslog(rig: Rig):
     import syslog
+
     rig.write_config(MIN_LOGLEVEL="LOG_DEBUG")
     h = rig.start(inetd=True, fake_syslog=True)
     assert len(h.talk(OPEN)) == SALT_LEN
@@ -614,18 +627,21 @@ def test_inetd_logs_one_line_per_event_to_syslog(rig: Rig):
 
 def test_inetd_config_error_goes_to_syslog(rig: Rig):
     import syslog
+
     rig.cfg.write_text(rig.cfg.read_text() + "NO_SUCH_KEY=1\n")
     h = rig.start(inetd=True, fake_syslog=True)
     assert (h.talk(OPEN), h.wait()) == (b"", 111)
     lines = rig.syslog.read_text().splitlines()
     assert len(lines) == 2
     assert lines[1].startswith(f"{syslog.LOG_CRIT} ostiary.cfg:") or lines[1].startswith(
-        f"{syslog.LOG_CRIT} {rig.cfg}:")
+        f"{syslog.LOG_CRIT} {rig.cfg}:"
+    )
     assert "unknown key" in lines[1]
 
 
-@pytest.mark.parametrize("case", ["wrong", "config error", "usage error", "locked out",
-                                  "corrupt store"])
+@pytest.mark.parametrize(
+    "case", ["wrong", "config error", "usage error", "locked out", "corrupt store"]
+)
 def test_inetd_errors_put_nothing_on_the_wire(rig: Rig, case):
     rig.write_config(MIN_LOGLEVEL="LOG_DEBUG", MAX_BAD_CONNS="1")
     args: tuple[str, ...] = ()
@@ -652,8 +668,9 @@ def test_inetd_errors_put_nothing_on_the_wire(rig: Rig, case):
 
 def test_log_is_one_plain_line_per_event_naming_the_address(rig: Rig):
     rig.action("lockout")
-    rig.write_config(f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="1",
-                     MIN_LOGLEVEL="LOG_DEBUG")
+    rig.write_config(
+        f'LOCKOUT_ACTION="","{rig.bin}/lockout"', MAX_BAD_CONNS="1", MIN_LOGLEVEL="LOG_DEBUG"
+    )
     rig.handle(OPEN, remote_ip="10.0.0.1")
     rig.handle(talk_kw={"response_bytes": WRONG}, remote_ip="10.0.0.2")
     rig.handle(OPEN, remote_ip="10.0.0.2")
@@ -669,10 +686,13 @@ def test_log_is_one_plain_line_per_event_naming_the_address(rig: Rig):
     assert any("10.0.0.2 closed at once: locked out" in x for x in lines)
 
 
-@pytest.mark.parametrize("level, allowed", [
-    ("LOG_ERR", {"fatal", "alert", "error"}),
-    ("LOG_NOTICE", {"fatal", "alert", "error", "warning", "notice"}),
-])
+@pytest.mark.parametrize(
+    "level, allowed",
+    [
+        ("LOG_ERR", {"fatal", "alert", "error"}),
+        ("LOG_NOTICE", {"fatal", "alert", "error", "warning", "notice"}),
+    ],
+)
 def test_min_loglevel_is_honoured(rig: Rig, level, allowed):
     rig.action("bad", code=3)
     rig.write_config(f'ACTION="bad-action-pass","{rig.bin}/bad"', MIN_LOGLEVEL=level)
@@ -694,8 +714,11 @@ def test_min_loglevel_is_honoured(rig: Rig, level, allowed):
 
 def test_passphrases_never_reach_the_log(rig: Rig):
     rig.action("lockout")
-    rig.write_config(f'LOCKOUT_ACTION="lockout-field-pass","{rig.bin}/lockout"',
-                     MIN_LOGLEVEL="LOG_DEBUG", MAX_BAD_CONNS="2")
+    rig.write_config(
+        f'LOCKOUT_ACTION="lockout-field-pass","{rig.bin}/lockout"',
+        MIN_LOGLEVEL="LOG_DEBUG",
+        MAX_BAD_CONNS="2",
+    )
     rig.handle(OPEN)
     rig.handle(b"not-the-passphrase")
     rig.handle(b"lockout-field-pass")

@@ -5,6 +5,7 @@ it) finds the package next to the script's own installation without running
 ``site``; where it cannot (an editable install), ``site`` runs after all.
 ``-X importtime`` shows which: the fast start never imports site.
 """
+
 import os
 import re
 import socket
@@ -16,25 +17,35 @@ import pytest
 from conftest import project_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_PYTHON = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+BASE_PYTHON = os.path.join(
+    sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}"
+)
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project built once as a wheel."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
-                    str(ROOT)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
     return next(out.glob("ostiary_ucspi-*.whl"))
 
 
 def pip_install(python: str, *args: str, env: dict[str, str] | None = None) -> None:
     """``python -m pip install ARGS``, where PEP 668 would refuse a scratch install too."""
-    marker = Path(sys.base_prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
-                  "EXTERNALLY-MANAGED")
+    marker = Path(
+        sys.base_prefix,
+        "lib",
+        f"python{sys.version_info[0]}.{sys.version_info[1]}",
+        "EXTERNALLY-MANAGED",
+    )
     extra = ["--break-system-packages"] if marker.exists() and "venv" not in python else []
-    subprocess.run([python, "-m", "pip", "install", "-q", *extra, *args], check=True,
-                   timeout=300, env=env)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", *extra, *args], check=True, timeout=300, env=env
+    )
 
 
 def serve_once(handler: str, cfg: Path, env: dict[str, str], fast: bool) -> tuple[bytes, bool]:
@@ -47,8 +58,13 @@ def serve_once(handler: str, cfg: Path, env: dict[str, str], fast: bool) -> tupl
         argv, env = [handler], {**env, "PYTHONPROFILEIMPORTTIME": "1"}
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        proc = subprocess.Popen([*argv, "-c", str(cfg)], stdin=theirs, stdout=theirs,
-                                stderr=subprocess.PIPE, env={**env, "TCPREMOTEIP": "127.0.0.1"})
+        proc = subprocess.Popen(
+            [*argv, "-c", str(cfg)],
+            stdin=theirs,
+            stdout=theirs,
+            stderr=subprocess.PIPE,
+            env={**env, "TCPREMOTEIP": "127.0.0.1"},
+        )
         theirs.close()
         ours.settimeout(30)
         got = ours.recv(64)
@@ -62,14 +78,18 @@ def serve_once(handler: str, cfg: Path, env: dict[str, str], fast: bool) -> tupl
 def config(tmp: Path) -> Path:
     (tmp / "state").mkdir()
     cfg = tmp / "ostiary.cfg"
-    cfg.write_text(f'KILL="install-kill-passphrase"\nACTION="install-open-passphrase","/bin/true"\n'
-                   f"LOCKOUT_DB={tmp}/state/lockout.cdb\nDELAY=0\n")
+    cfg.write_text(
+        f'KILL="install-kill-passphrase"\nACTION="install-open-passphrase","/bin/true"\n'
+        f"LOCKOUT_DB={tmp}/state/lockout.cdb\nDELAY=0\n"
+    )
     cfg.chmod(0o600)
     return cfg
 
 
 @pytest.mark.parametrize("kind", ["venv", "user", "prefix"])
-def test_an_installed_handler_starts_fast_and_serves(wheel: Path, tmp_path: Path, kind: str) -> None:
+def test_an_installed_handler_starts_fast_and_serves(
+    wheel: Path, tmp_path: Path, kind: str
+) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")}
     if kind == "venv":
         subprocess.run([BASE_PYTHON, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)

@@ -1,4 +1,5 @@
 """The package's plan holds: the shim stands alone, private names stay in one module, one version."""
+
 import ast
 import re
 import subprocess
@@ -29,8 +30,9 @@ def imports(path: Path) -> set[str]:
                 parts = parts[: len(parts) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             if node.module is None or node.level:
-                found.update(f"{base}.{alias.name}" if not node.module else base
-                             for alias in node.names)
+                found.update(
+                    f"{base}.{alias.name}" if not node.module else base for alias in node.names
+                )
             else:
                 found.add(base)
     return found
@@ -74,9 +76,12 @@ def test_one_version_everywhere() -> None:
 
 
 def test_the_handler_imports_no_shim_and_no_operator_tool() -> None:
-    code = ("import sys, ostiary_ucspi.handle; "
-            "print(sorted(m for m in sys.modules if m.startswith('ostiary_ucspi')))")
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
-                         cwd="/", check=True).stdout
+    code = (
+        "import sys, ostiary_ucspi.handle; "
+        "print(sorted(m for m in sys.modules if m.startswith('ostiary_ucspi')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/", check=True
+    ).stdout
     loaded = set(ast.literal_eval(out))
     assert not {m for m in loaded if ".ucspi" in m or ".admin" in m or m.endswith(".client")}

@@ -1,4 +1,5 @@
 """ostiary-lockout: every command on a busy, an empty, a missing and a corrupt store."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,17 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import project_tool
 from kit.damage import OPERATOR, damage_header
-from kit.site import NOW, StoreRig as Rig
+from kit.site import NOW
+from kit.site import StoreRig as Rig
+
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi import supervise
+from ostiary_ucspi.admin.lockout import PROG, main
 from ostiary_ucspi.config import load
 from ostiary_ucspi.policy import ERRORS, STOPPED, Entry, charge, refusal, stop
-from ostiary_ucspi.admin.lockout import PROG, main
+
 
 @pytest.fixture
 def rig(tmp_path) -> Rig:
@@ -25,10 +28,12 @@ def rig(tmp_path) -> Rig:
 @pytest.fixture
 def run(rig, capsys):
     """Run ostiary-lockout -c CONFIG ARGS in-process; return (status, stdout, stderr)."""
+
     def go(*args: str) -> tuple[int, str, str]:
         code = main([PROG, "-c", rig.cfg_path, *args])
         out, err = capsys.readouterr()
         return code, out, err
+
     return go
 
 
@@ -37,6 +42,7 @@ def when(t: int) -> str:
 
 
 # -- list, show, export ---------------------------------------------------------
+
 
 def test_list_on_an_empty_store_creates_nothing(rig, run):
     code, out, err = run("list")
@@ -58,16 +64,34 @@ def test_list_shows_every_address_and_the_stopped_state(rig, run):
     assert "2 tracked, 1 locked out, 4 errors in all" in lines[0]
     assert lines[1] == f"SERVICE STOPPED since {when(NOW - 10)}: KILL from 198.51.100.1"
     assert lines[2].split() == ["ADDRESS", "STRIKES", "ERRORS", "LOCKED", "SINCE", "LAST", "SEEN"]
-    assert lines[3].split() == [locked.decode(), "3", "3", *when(NOW - 100).split(), *when(NOW - 100).split()]
+    assert lines[3].split() == [
+        locked.decode(),
+        "3",
+        "3",
+        *when(NOW - 100).split(),
+        *when(NOW - 100).split(),
+    ]
     assert lines[4].split() == ["2001:db8:1:2::/64", "1", "1", "-", *when(NOW - 50).split()]
     doc = json.loads(run("list", "--json")[1])
     assert doc["stopped"] == {"since": NOW - 10, "reason": "KILL from 198.51.100.1"}
     assert doc["total_errors"] == 4 and doc["max_bad_conns"] == 3 and doc["store"] == rig.db
     assert doc["addresses"] == [
-        {"address": "192.0.2.7", "strikes": 3, "errors": 3, "locked": True,
-         "locked_since": NOW - 100, "last_seen": NOW - 100},
-        {"address": "2001:db8:1:2::/64", "strikes": 1, "errors": 1, "locked": False,
-         "locked_since": None, "last_seen": NOW - 50},
+        {
+            "address": "192.0.2.7",
+            "strikes": 3,
+            "errors": 3,
+            "locked": True,
+            "locked_since": NOW - 100,
+            "last_seen": NOW - 100,
+        },
+        {
+            "address": "2001:db8:1:2::/64",
+            "strikes": 1,
+            "errors": 1,
+            "locked": False,
+            "locked_since": None,
+            "last_seen": NOW - 50,
+        },
     ]
 
 
@@ -82,8 +106,9 @@ def test_show_finds_an_ipv6_address_by_its_prefix(rig, run):
     assert code == 0 and "none: not locked out" in out
 
 
-@pytest.mark.parametrize("bad", ["1.2.3", "256.1.1.1", "example.com", "1.2.3.4/32",
-                                 "2001:db8::/129", "2001:db8::/x", ""])
+@pytest.mark.parametrize(
+    "bad", ["1.2.3", "256.1.1.1", "example.com", "1.2.3.4/32", "2001:db8::/129", "2001:db8::/x", ""]
+)
 def test_a_bad_address_is_a_usage_error(run, bad):
     code, out, err = run("show", bad)
     assert (code, out) == (100, "")
@@ -105,6 +130,7 @@ def test_export_writes_the_locked_out_addresses_in_numeric_order(rig, run):
 
 
 # -- unlock, lock -------------------------------------------------------------------
+
 
 def test_unlock_forgets_strikes_errors_and_lock(rig, run):
     rig.fails("192.0.2.7", 3)
@@ -129,7 +155,9 @@ def test_lock_refuses_an_address_at_once(rig, run):
     assert rig.refused("198.51.100.10") is None
     since = Entry(rig.store.view().get(b"198.51.100.9")).locked_since
     assert abs(since - time.time()) < 5
-    assert run("lock", "198.51.100.9")[1] == f"198.51.100.9: locked out already, since {when(since)}\n"
+    assert (
+        run("lock", "198.51.100.9")[1] == f"198.51.100.9: locked out already, since {when(since)}\n"
+    )
     assert run("lock", "2001:db8:5:6::7")[0] == 0
     assert rig.refused("2001:db8:5:6:ffff::1") == "locked out"
 
@@ -143,10 +171,13 @@ def test_lock_refuses_a_prefix_the_handler_does_not_count_by(rig, run):
 
 # -- revive, prune --------------------------------------------------------------------
 
+
 def test_revive_leaves_the_stopped_state_and_says_how_to_restart(tmp_path, capsys, monkeypatch):
     rig = Rig(tmp_path, "MAX_SINGLE_ERRS=2\n")
     rig.fails("192.0.2.7", 3)
-    assert rig.refused("198.51.100.1").startswith("service stopped: 192.0.2.7 passed MAX_SINGLE_ERRS")
+    assert rig.refused("198.51.100.1").startswith(
+        "service stopped: 192.0.2.7 passed MAX_SINGLE_ERRS"
+    )
     monkeypatch.setenv("OSTIARY_SERVICE", "/service/ostiary")
     assert main([PROG, "-c", rig.cfg_path, "revive"]) == 0
     out = capsys.readouterr().out
@@ -164,10 +195,10 @@ def test_revive_leaves_the_stopped_state_and_says_how_to_restart(tmp_path, capsy
 
 def test_prune_drops_expired_strikes_and_locks_now(tmp_path, capsys):
     rig = Rig(tmp_path, "STRIKE_EXPIRE=3600\nLOCKOUT_EXPIRE=7200\n")
-    rig.fails("192.0.2.1", 1, NOW - 4000)   # strikes expired
-    rig.fails("192.0.2.2", 1, NOW - 100)    # strikes fresh
-    rig.fails("192.0.2.3", 3, NOW - 8000)   # lock expired
-    rig.fails("192.0.2.4", 3, NOW - 1000)   # lock fresh
+    rig.fails("192.0.2.1", 1, NOW - 4000)  # strikes expired
+    rig.fails("192.0.2.2", 1, NOW - 100)  # strikes fresh
+    rig.fails("192.0.2.3", 3, NOW - 8000)  # lock expired
+    rig.fails("192.0.2.4", 3, NOW - 1000)  # lock fresh
     assert main([PROG, "-c", rig.cfg_path, "prune"]) == 0
     assert capsys.readouterr().out == "pruned: 2 expired records dropped, 2 kept\n"
     items = rig.store.view().items()
@@ -189,18 +220,25 @@ def test_read_and_undo_commands_on_an_empty_store_create_nothing(rig, run):
 
 # -- failures: missing, corrupt -------------------------------------------------------
 
+
 def test_a_missing_store_directory_is_fatal(rig, run):
     os.rmdir(rig.state)
     for args in (["list"], ["export"], ["lock", "192.0.2.1"], ["prune"]):
         code, out, err = run(*args)
         assert (code, out) == (111, "")
-        assert err == f"ostiary-lockout: fatal: lockout store: state directory {rig.state} does not exist\n"
+        assert (
+            err
+            == f"ostiary-lockout: fatal: lockout store: state directory {rig.state} does not exist\n"
+        )
 
 
 def test_a_missing_config_is_fatal(tmp_path, capsys):
     assert main([PROG, "-c", str(tmp_path / "nope.cfg"), "list"]) == 111
     err = capsys.readouterr().err
-    assert err == f"ostiary-lockout: fatal: unable to read {tmp_path}/nope.cfg: No such file or directory\n"
+    assert (
+        err
+        == f"ostiary-lockout: fatal: unable to read {tmp_path}/nope.cfg: No such file or directory\n"
+    )
 
 
 @pytest.mark.parametrize("damage, what", OPERATOR)
@@ -244,15 +282,19 @@ def test_writes_to_a_corrupt_store_fail(rig, run):
 
 # -- the command line -------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, message", [
-    ([], "no command"),
-    (["frobnicate"], "unknown command 'frobnicate'"),
-    (["-x", "list"], "unknown option '-x'"),
-    (["list", "192.0.2.1"], "list takes no argument"),
-    (["show"], "show takes ADDR"),
-    (["unlock", "192.0.2.1", "192.0.2.2"], "unlock takes ADDR"),
-    (["export", "--json"], "export takes no argument"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "no command"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+        (["-x", "list"], "unknown option '-x'"),
+        (["list", "192.0.2.1"], "list takes no argument"),
+        (["show"], "show takes ADDR"),
+        (["unlock", "192.0.2.1", "192.0.2.2"], "unlock takes ADDR"),
+        (["export", "--json"], "export takes no argument"),
+    ],
+)
 def test_usage_errors(rig, capsys, args, message):
     assert main([PROG, "-c", rig.cfg_path, *args]) == 100
     err = capsys.readouterr().err
@@ -261,7 +303,9 @@ def test_usage_errors(rig, capsys, args, message):
 
 def test_help(capsys):
     assert main([PROG, "--help"]) == 0
-    assert capsys.readouterr().out.startswith("ostiary-lockout: usage: ostiary-lockout [-c FILE] COMMAND")
+    assert capsys.readouterr().out.startswith(
+        "ostiary-lockout: usage: ostiary-lockout [-c FILE] COMMAND"
+    )
 
 
 def test_the_installed_command(rig):
@@ -269,19 +313,23 @@ def test_the_installed_command(rig):
     rig.fails("192.0.2.7", 3)
     done = subprocess.run([tool, f"-c{rig.cfg_path}", "export"], capture_output=True, text=True)
     assert (done.returncode, done.stdout, done.stderr) == (0, "192.0.2.7\n", "")
-    done = subprocess.run([tool, "-c", rig.cfg_path, "show", "nonsense"], capture_output=True, text=True)
+    done = subprocess.run(
+        [tool, "-c", rig.cfg_path, "show", "nonsense"], capture_output=True, text=True
+    )
     assert (done.returncode, done.stdout) == (100, "")
     damage_header(rig.db)
     done = subprocess.run([tool, "-c", rig.cfg_path, "list"], capture_output=True, text=True)
     assert done.returncode == 111 and done.stdout == ""
     assert done.stderr.startswith("ostiary-lockout: fatal: the lockout store is corrupt: ")
     cmd = f"{tool} -c {rig.cfg_path}"
-    done = subprocess.run(f"{cmd} reset --force && {cmd} list | head -1",
-                          shell=True, capture_output=True, text=True)
+    done = subprocess.run(
+        f"{cmd} reset --force && {cmd} list | head -1", shell=True, capture_output=True, text=True
+    )
     assert done.returncode == 0 and "0 tracked" in done.stdout
 
 
 # -- safe while handlers run ---------------------------------------------------------------
+
 
 def test_operator_changes_and_handler_charges_interleave_without_loss(rig, run, monkeypatch):
     monkeypatch.setattr(storemod, "MIN_JOURNAL", 2048)
@@ -328,8 +376,10 @@ def test_a_store_file_the_handler_cannot_use_is_named(rig, run):
     for args in (["list"], ["unlock", "192.0.2.7"], ["prune"]):
         code, out, err = run(*args)
         assert (code, out) == (111, "")
-        assert err == (f"ostiary-lockout: fatal: lockout store: {rig.db}: its owner (uid 0) is not the "
-                       f"state directory's (uid 65534), so the handler cannot use it: chown 65534 {rig.db}\n")
+        assert err == (
+            f"ostiary-lockout: fatal: lockout store: {rig.db}: its owner (uid 0) is not the "
+            f"state directory's (uid 65534), so the handler cannot use it: chown 65534 {rig.db}\n"
+        )
     os.chown(rig.db, 65534, 0)
     assert run("list")[0] == 0
 
@@ -339,8 +389,10 @@ def test_a_store_file_its_owner_cannot_read_or_write_is_named(rig, run):
     os.chmod(rig.db + ".journal", 0o440)
     code, out, err = run("list")
     assert (code, out) == (111, "")
-    assert err == (f"ostiary-lockout: fatal: lockout store: {rig.db}.journal: Permission denied to its "
-                   f"owner, the handler (mode 440): chmod u+rw {rig.db}.journal\n")
+    assert err == (
+        f"ostiary-lockout: fatal: lockout store: {rig.db}.journal: Permission denied to its "
+        f"owner, the handler (mode 440): chmod u+rw {rig.db}.journal\n"
+    )
     os.chmod(rig.db + ".journal", 0o640)
     os.chmod(rig.state, 0o500)
     code, out, err = run("export")

@@ -5,6 +5,7 @@ of skipping). It refuses to run where ostiary-ucspi is installed or
 /etc/ostiary.cfg exists, and leaves the machine as it found it: purge, then
 the accounts the install created are removed.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import IN_CI, ROOT, require_tool
-from kit.servers import unused_port
 from kit.procs import wait_for
+from kit.servers import unused_port
 
-PROGRAMS = ("ostiary-handle", "ostiary-client", "ostiary-lockout", "ostiary-tcpserver",
-            "ostiary-tcprules", "ostiary-conf")
+PROGRAMS = (
+    "ostiary-handle",
+    "ostiary-client",
+    "ostiary-lockout",
+    "ostiary-tcpserver",
+    "ostiary-tcprules",
+    "ostiary-conf",
+)
 PAGES = [(1, p) for p in PROGRAMS] + [(5, "ostiary.cfg")]
 ACCOUNTS = ("ostiary", "ostiarylog")
 CONFIG = Path("/etc/ostiary.cfg")
@@ -32,9 +38,19 @@ PRIVATE = Path("/usr/lib/ostiary-ucspi")
 UNITS = Path("/lib/systemd/system")
 # Where a package of ours could leave something; dpkg's and apt's own records
 # and caches are theirs.
-WATCHED = ("/etc", "/var/lib", "/usr/bin", "/usr/sbin", "/usr/lib/ostiary-ucspi",
-           "/lib/systemd/system", "/usr/share/man/man1", "/usr/share/man/man5",
-           "/usr/share/doc", "/usr/share/ostiary-ucspi", "/usr/local")
+WATCHED = (
+    "/etc",
+    "/var/lib",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib/ostiary-ucspi",
+    "/lib/systemd/system",
+    "/usr/share/man/man1",
+    "/usr/share/man/man5",
+    "/usr/share/doc",
+    "/usr/share/ostiary-ucspi",
+    "/usr/local",
+)
 NOT_OURS = ("/var/lib/dpkg/", "/var/lib/apt/", "/var/lib/man-db/", "/etc/ld.so.cache")
 
 
@@ -114,8 +130,14 @@ def test_install_smoke_and_purge(deb, tmp_path):
     before = files()
     server = None
     try:
-        r = run("apt-get", "install", "-y", "--no-install-recommends", str(deb),
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        r = run(
+            "apt-get",
+            "install",
+            "-y",
+            "--no-install-recommends",
+            str(deb),
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr
         for name in PROGRAMS:
             assert os.access(f"/usr/bin/{name}", os.X_OK), name
@@ -149,31 +171,56 @@ def test_install_smoke_and_purge(deb, tmp_path):
         port = unused_port()
         log = tmp_path / "log"
         with open(log, "wb") as sink:
-            server = subprocess.Popen([tcpserver, "-v", "-HRl0", "127.0.0.1", str(port),
-                                       "/usr/bin/ostiary-handle"],
-                                      env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                                      stdout=sink, stderr=sink, start_new_session=True)
+            server = subprocess.Popen(
+                [tcpserver, "-v", "-HRl0", "127.0.0.1", str(port), "/usr/bin/ostiary-handle"],
+                env={"PATH": "/usr/bin:/bin"},
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+                start_new_session=True,
+            )
         wait_for(lambda: "tcpserver: status: 0/" in log.read_text(), 10, "tcpserver to listen")
         secret_file = tmp_path / "secret"
         secret_file.write_text(secret + "\n")
         secret_file.chmod(0o600)
-        knock = run("/usr/bin/ostiary-client", "-a", f"127.0.0.1:{port}",
-                    "--secret-file", str(secret_file), env={"PATH": "/usr/bin:/bin"}, timeout=30)
+        knock = run(
+            "/usr/bin/ostiary-client",
+            "-a",
+            f"127.0.0.1:{port}",
+            "--secret-file",
+            str(secret_file),
+            env={"PATH": "/usr/bin:/bin"},
+            timeout=30,
+        )
         assert knock.returncode == 0, knock.stderr
-        wait_for(lambda: "ostiary-handle: info: 127.0.0.1 /bin/echo: 127.0.0.1" in log.read_text(),
-                 15, "the installed action's output")
+        wait_for(
+            lambda: "ostiary-handle: info: 127.0.0.1 /bin/echo: 127.0.0.1" in log.read_text(),
+            15,
+            "the installed action's output",
+        )
 
         # An upgrade (here: a reinstall) leaves the config alone.
-        r = run("apt-get", "install", "-y", "--reinstall", str(deb),
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        r = run(
+            "apt-get",
+            "install",
+            "-y",
+            "--reinstall",
+            str(deb),
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         assert r.returncode == 0, r.stderr
         assert CONFIG.read_text() == config
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=10)
-        purged = run("apt-get", "purge", "-y", "ostiary-ucspi",
-                     env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        purged = run(
+            "apt-get",
+            "purge",
+            "-y",
+            "ostiary-ucspi",
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         for account in set(ACCOUNTS) - had:
             if account_exists(account):
                 run("deluser", "--system", account)

@@ -1,12 +1,13 @@
 """The wire protocol's pure functions: HMAC-SHA256 vectors, matching, salts."""
+
 import hashlib
 import hmac
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kit.vectors import OSTIARY, RFC4231, Vector
+
 from ostiary_ucspi import cpython, protocol
 
 
@@ -38,7 +39,9 @@ def test_compare_digest_agrees_with_hmac_compare_digest(a: bytes, b: bytes) -> N
 
 def test_compare_digest_is_the_constant_time_routine() -> None:
     """CPython's own routine (hmac.compare_digest without OpenSSL), or hmac's when forced public."""
-    expected = hmac.compare_digest if cpython.PUBLIC else cpython.load("compare_digest", public=False)
+    expected = (
+        hmac.compare_digest if cpython.PUBLIC else cpython.load("compare_digest", public=False)
+    )
     assert protocol.compare_digest is expected
     with pytest.raises(TypeError):
         protocol.compare_digest("text", b"bytes")
@@ -59,12 +62,17 @@ def test_match_finds_the_one_that_was_proved(index: int) -> None:
     assert protocol.match(protocol.response(SECRETS[index], SALT), SALT, SECRETS) == index
 
 
-@pytest.mark.parametrize("answer", [
-    b"", b"\0" * 32, protocol.response(b"first-action", SALT)[:31],
-    protocol.response(b"first-action", SALT) + b"\0",
-    protocol.response(b"first-action", bytes(32)),  # right secret, another salt
-    protocol.response(b"first-actio", SALT),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"",
+        b"\0" * 32,
+        protocol.response(b"first-action", SALT)[:31],
+        protocol.response(b"first-action", SALT) + b"\0",
+        protocol.response(b"first-action", bytes(32)),  # right secret, another salt
+        protocol.response(b"first-actio", SALT),
+    ],
+)
 def test_match_refuses_anything_else(answer: bytes) -> None:
     assert protocol.match(answer, SALT, SECRETS) == -1
 

@@ -7,6 +7,7 @@ for, pytest only collecting) must work as written. Only the port and the
 example's state directory are changed, so that nothing collides with a
 running service or another test.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
 from conftest import IN_CI, ROOT
-from kit.servers import unused_port
 from kit.procs import wait_for
+from kit.servers import unused_port
 
 DEBIAN_PYTHON = Path("/usr/bin/python3")
 EXAMPLE_STATE = "/tmp/ostiary-example"
@@ -54,7 +54,7 @@ def test_the_test_command_installs_what_ci_installs():
     words = shlex.split(readme_test_command())
     at = words.index("install")
     installed = []
-    for word in words[at + 1:]:
+    for word in words[at + 1 :]:
         if word == "&&":
             break
         if not word.startswith("-"):
@@ -72,7 +72,9 @@ def debian_python() -> Path:
     """Debian's python3 with its PEP 668 marker; skip without it, fail under CI."""
     markers = list(Path("/usr/lib").glob("python3*/EXTERNALLY-MANAGED"))
     if not (DEBIAN_PYTHON.exists() and markers):
-        msg = "needs Debian's python3 with EXTERNALLY-MANAGED (apt-get install python3 python3-venv)"
+        msg = (
+            "needs Debian's python3 with EXTERNALLY-MANAGED (apt-get install python3 python3-venv)"
+        )
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
@@ -96,8 +98,12 @@ class Clone:
         self.home = base / "home"
         for d in (self.dir, self.bin, self.home):
             d.mkdir()
-        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard",
-                                 "-z"], capture_output=True, text=True, check=True).stdout
+        listed = subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for name in filter(None, listed.split("\0")):
             source = ROOT / name
             if not os.path.lexists(source):
@@ -155,18 +161,28 @@ def test_serve_and_knock_commands_with_debians_python(clone):
     port = unused_port()
     log = clone.base / "serve.log"
     with open(log, "wb") as sink:
-        server = subprocess.Popen(clone.argv(clone.adapt(serve, port)), cwd=clone.dir,
-                                  env=clone.env(), stdin=subprocess.DEVNULL, stdout=sink,
-                                  stderr=sink, start_new_session=True)
+        server = subprocess.Popen(
+            clone.argv(clone.adapt(serve, port)),
+            cwd=clone.dir,
+            env=clone.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+            start_new_session=True,
+        )
     try:
-        wait_for(lambda: "tcpserver: status: 0/" in log.read_text() or server.poll()
-                 is not None, 300, "the serve command to listen")
+        wait_for(
+            lambda: "tcpserver: status: 0/" in log.read_text() or server.poll() is not None,
+            300,
+            "the serve command to listen",
+        )
         assert server.poll() is None, log.read_text()[-3000:]
         home = (clone.dir / ".venv" / "pyvenv.cfg").read_text()
         assert re.search(r"^executable = /usr/bin/python3", home, re.M), home
         argv = clone.argv(clone.adapt(knock, port))
-        child = pexpect.spawn(argv[0], argv[1:], cwd=str(clone.dir), env=clone.env(),
-                              timeout=60, encoding="utf-8")
+        child = pexpect.spawn(
+            argv[0], argv[1:], cwd=str(clone.dir), env=clone.env(), timeout=60, encoding="utf-8"
+        )
         child.expect("Enter command secret: ")
         child.sendline(EXAMPLE_PASSPHRASE)
         child.expect(pexpect.EOF)
@@ -181,8 +197,14 @@ def test_serve_and_knock_commands_with_debians_python(clone):
 def test_test_command_with_debians_python(clone):
     env = clone.env()
     env["PYTEST_ADDOPTS"] = "--collect-only"
-    r = subprocess.run(clone.argv(clone.adapt(readme_test_command(), 0)), cwd=clone.dir, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        clone.argv(clone.adapt(readme_test_command(), 0)),
+        cwd=clone.dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"\d+ tests collected", r.stdout), r.stdout[-2000:]
     args = (clone.base / "apt-get.args").read_text().splitlines()

@@ -1,4 +1,5 @@
 """Golden transcripts: every program's usage and error lines, exit statuses (tests/rts/)."""
+
 import os
 import re
 import subprocess
@@ -24,8 +25,14 @@ def transcript(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     work = tmp_path_factory.mktemp("rts")
     scripts = sysconfig.get_path("scripts")
     env = {"PATH": f"{scripts}:/usr/bin:/bin", "LC_ALL": "C"}
-    out = subprocess.run(["sh", str(RTS / "rts.tests")], cwd=work, env=env, timeout=120,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sh", str(RTS / "rts.tests")],
+        cwd=work,
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    ).stdout
     out = out.replace(str(work), "DIR").replace(f" {__version__}\n", " VERSION\n")
     return sections(out)
 
@@ -39,8 +46,10 @@ def test_transcript(transcript: dict[str, str], program: str) -> None:
 
 
 def test_every_program_has_a_transcript() -> None:
-    installed = {line.split("=")[0].strip() for line in
-                 (RTS.parent.parent / "pyproject.toml").read_text().splitlines()
-                 if line.startswith("ostiary-")}
+    installed = {
+        line.split("=")[0].strip()
+        for line in (RTS.parent.parent / "pyproject.toml").read_text().splitlines()
+        if line.startswith("ostiary-")
+    }
     assert installed | {"ostiary-handle"} <= set(EXPECTED)
     assert os.path.exists(RTS / "rts.tests")

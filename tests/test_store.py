@@ -4,6 +4,7 @@ Crash and concurrency tests run real processes (fork) on a real filesystem and
 SIGKILL them at random instants; their small journal thresholds make them
 compact every few dozen writes.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,14 +16,23 @@ import zlib
 
 import pytest
 from cdblib import Reader
-
 from kit.damage import REPORTED, write_at
 from kit.damage import journal as journal_of
+
 from ostiary_ucspi import store as storemod
-from ostiary_ucspi.config import parse
 from ostiary_ucspi.address import key as address_key
-from ostiary_ucspi.policy import (ERRORS, STOPPED, Entry, charge, fail, keeper,
-                                   refusal, stop, succeed)
+from ostiary_ucspi.config import parse
+from ostiary_ucspi.policy import (
+    ERRORS,
+    STOPPED,
+    Entry,
+    charge,
+    fail,
+    keeper,
+    refusal,
+    stop,
+    succeed,
+)
 from ostiary_ucspi.store import Store, StoreCorrupt, StoreError, journal_lines
 
 NOW = 1_700_000_000
@@ -78,6 +88,7 @@ def journal(path: str) -> bytes:
 
 # -- format and basic behaviour ---------------------------------------------
 
+
 def test_missing_store_reads_as_none_and_missing_directory_is_an_error(tmp_path):
     assert Store(str(tmp_path / "lockout.cdb")).view() is None
     with pytest.raises(StoreError, match="does not exist"):
@@ -99,7 +110,12 @@ def test_puts_reach_the_journal_then_a_compaction_folds_them_in(path):
         assert tx.compact() == 2
     assert journal(path) == b"ostiary-journal 2\n"
     plain = Reader(open(path, "rb").read())  # pure-cdb's own reader
-    assert (plain.get(b"!gen"), plain.get(b"a"), plain.get(b"b"), plain.get(b"c")) == (b"2", b"3", None, b"")
+    assert (plain.get(b"!gen"), plain.get(b"a"), plain.get(b"b"), plain.get(b"c")) == (
+        b"2",
+        b"3",
+        None,
+        b"",
+    )
     assert Store(path).view().items() == {b"a": b"3", b"c": b""}
 
 
@@ -141,8 +157,10 @@ def test_an_exception_in_a_transaction_writes_nothing(path):
     assert Store(path).view().get(b"k") == b"1"
 
 
-@pytest.mark.parametrize("key, value", [(b"", b"v"), (b"a b", b"v"), (b"a\nb", b"v"),
-                                        (b"k", b"a\nb"), (b"!gen", b"5"), (b"k", b"-")])
+@pytest.mark.parametrize(
+    "key, value",
+    [(b"", b"v"), (b"a b", b"v"), (b"a\nb", b"v"), (b"k", b"a\nb"), (b"!gen", b"5"), (b"k", b"-")],
+)
 def test_put_refuses_what_the_journal_cannot_hold(path, key, value):
     with Store(path).lock() as tx, pytest.raises(ValueError):
         tx.put(key, value)
@@ -151,12 +169,19 @@ def test_put_refuses_what_the_journal_cannot_hold(path, key, value):
 def test_lookup_does_not_confuse_keys_that_share_a_prefix_or_suffix(path):
     put(path, **{"1.2.3.4": b"a", "11.2.3.4": b"b", "1.2.3.45": b"c"})
     view = Store(path).view()
-    assert [view.get(k) for k in (b"1.2.3.4", b"11.2.3.4", b"1.2.3.45", b"1.2.3")] == [b"a", b"b", b"c", None]
+    assert [view.get(k) for k in (b"1.2.3.4", b"11.2.3.4", b"1.2.3.45", b"1.2.3")] == [
+        b"a",
+        b"b",
+        b"c",
+        None,
+    ]
 
 
 def test_snapshot_reader_agrees_with_pure_cdb(path):
     rng = random.Random(7)
-    items = {b"%d.%d.%d.%d" % tuple(rng.randrange(256) for _ in range(4)): b"%d" % i for i in range(3000)}
+    items = {
+        b"%d.%d.%d.%d" % tuple(rng.randrange(256) for _ in range(4)): b"%d" % i for i in range(3000)
+    }
     items[b"39.160.226.88"] = b"its djb hash is 0"
     with Store(path).lock() as tx:
         for k, v in items.items():
@@ -186,6 +211,7 @@ def test_journal_grows_to_its_threshold_then_is_compacted(path, small_journal):
 
 # -- corruption: fail closed, say what is wrong -------------------------------
 
+
 @pytest.mark.parametrize("damage, message", list(REPORTED.values()), ids=list(REPORTED))
 def test_a_damaged_store_is_reported_corrupt(path, damage, message):
     put(path, a=b"1")
@@ -206,7 +232,7 @@ def test_damage_to_any_acknowledged_journal_byte_is_corruption(path, line, byte)
     data = journal(path)
     start = [i + 1 for i, c in enumerate(data) if c == 10][line - 1]
     offset = start + {b"7": 2, b"x": 0, b"3": 2, b"0": 4}[byte]  # the value, the key, a checksum
-    assert data[offset:offset + 1] != byte
+    assert data[offset : offset + 1] != byte
     write_at(journal_of(path), offset, byte)
     for read in (lambda: Store(path).view(), lambda: Store(path).lock().__enter__()):
         with pytest.raises(StoreCorrupt, match="lockout.cdb.journal: checksum mismatch"):
@@ -219,19 +245,20 @@ def test_journal_checksums_chain_from_the_first_byte(path):
     data = journal(path)
     assert data.split(b"\n")[1:-1] == [
         b"a 1 %08x" % zlib.crc32(b"ostiary-journal 1\na 1 "),
-        b"b 2 %08x+" % zlib.crc32(data[:data.index(b"b 2 ") + 4]),
-        b"c  %08x" % zlib.crc32(data[:data.index(b"c  ") + 3]),
+        b"b 2 %08x+" % zlib.crc32(data[: data.index(b"b 2 ") + 4]),
+        b"c  %08x" % zlib.crc32(data[: data.index(b"c  ") + 3]),
     ]
 
 
 # -- crash safety: every instant --------------------------------------------
+
 
 def test_a_cut_line_and_an_unfinished_transaction_are_ignored_then_rewritten(path):
     put(path, a=b"1")
     for i in range(3):
         committed = journal(path)
         tail = journal_lines({b"a": b"2", b"b": b"2"}, zlib.crc32(committed))
-        cut = (tail[:5], tail[:tail.index(b"\n") + 1], tail[:-1])[i]
+        cut = (tail[:5], tail[: tail.index(b"\n") + 1], tail[:-1])[i]
         before = Store(path).view().items()
         with open(path + ".journal", "wb") as f:
             f.write(committed + cut)
@@ -248,6 +275,7 @@ def crash_at(path: str, victim: str, after: int) -> None:
     Its calls, in order: fsync of the new snapshot, rename, fsync of the directory;
     the same for the new journal.
     """
+
     def child():
         real = getattr(os, victim)
         calls = []
@@ -257,14 +285,18 @@ def crash_at(path: str, victim: str, after: int) -> None:
             if len(calls) == after:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kw)
+
         setattr(os, victim, dying)
         with Store(path).lock() as tx:
             tx.put(b"pending", b"folded in")
             tx.compact()
+
     assert wait(fork(child)) == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("victim, after", [("fsync", 1), ("rename", 1), ("fsync", 3), ("rename", 2)])
+@pytest.mark.parametrize(
+    "victim, after", [("fsync", 1), ("rename", 1), ("fsync", 3), ("rename", 2)]
+)
 def test_sigkill_inside_a_compaction_loses_nothing(path, victim, after):
     put(path, a=b"1")
     put(path, b=b"2")
@@ -295,12 +327,14 @@ def test_sigkill_in_the_middle_of_an_append(path):
         real = os.write
 
         def half(fd, data):
-            real(fd, data[:len(data) // 2])
+            real(fd, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
+
         os.write = half
         with Store(path).lock() as tx:
             tx.put(b"a", b"2")
             tx.put(b"b", b"2")
+
     assert wait(fork(child)) == -signal.SIGKILL
     assert Store(path).view().items() == {b"a": b"1"}  # all or nothing
     put(path, c=b"3")
@@ -364,12 +398,14 @@ def test_sigkill_at_random_instants_loses_no_acknowledged_strike(path, monkeypat
 
 # -- lock-free readers --------------------------------------------------------
 
+
 def test_readers_never_see_a_torn_store_while_writers_compact(path, small_journal):
     put(path, fixed=b"stays", counter=b"0")
 
     def writer():
         for i in range(1, 400):
             put(path, counter=b"%d" % i)
+
     pid = fork(writer)
     last = 0
     store = Store(path)
@@ -386,6 +422,7 @@ def test_readers_never_see_a_torn_store_while_writers_compact(path, small_journa
 
 
 # -- concurrency: writers serialised, nothing lost ------------------------------
+
 
 def worker(path: str, n: int, own: bytes) -> None:
     store = Store(path, keep=keeper(config(), int(time.time())))
@@ -414,14 +451,15 @@ def test_many_processes_charging_and_refunding_get_exact_counts(path, small_jour
 
 # -- expiry ----------------------------------------------------------------------
 
+
 def test_compaction_expires_strikes_and_old_locks_but_keeps_the_rest(path):
     cfg = config("STRIKE_EXPIRE=3600\nLOCKOUT_EXPIRE=86400\n")
     records = {
-        b"10.0.0.1": b"2 2 0 %d" % (NOW - 3601),          # strikes too old: dropped
-        b"10.0.0.2": b"2 2 0 %d" % (NOW - 3600),          # just in time: kept
-        b"10.0.0.3": b"3 3 %d %d" % (NOW - 86400, NOW),   # locked a day ago: unlocked
+        b"10.0.0.1": b"2 2 0 %d" % (NOW - 3601),  # strikes too old: dropped
+        b"10.0.0.2": b"2 2 0 %d" % (NOW - 3600),  # just in time: kept
+        b"10.0.0.3": b"3 3 %d %d" % (NOW - 86400, NOW),  # locked a day ago: unlocked
         b"10.0.0.4": b"3 3 %d %d" % (NOW - 86399, NOW - 86399),  # locked, not for long enough
-        STOPPED: b"%d KILL from 10.0.0.9" % (NOW - 10 ** 6),
+        STOPPED: b"%d KILL from 10.0.0.9" % (NOW - 10**6),
         ERRORS: b"12",
     }
     for k, v in records.items():
@@ -432,7 +470,7 @@ def test_compaction_expires_strikes_and_old_locks_but_keeps_the_rest(path):
 
 
 def test_locks_never_expire_by_default(path):
-    put(path, **{"10.0.0.3": b"3 3 %d %d" % (NOW - 10 ** 8, NOW - 10 ** 8)})
+    put(path, **{"10.0.0.3": b"3 3 %d %d" % (NOW - 10**8, NOW - 10**8)})
     with Store(path).lock() as tx:
         tx.compact(keeper(config(), NOW))
     assert refusal(Store(path).view(), b"10.0.0.3", 3) == "locked out"
@@ -472,6 +510,7 @@ def test_the_handlers_automatic_compaction_applies_expiry(path, small_journal):
 
 # -- policy on the store: IPv6 prefixes, stopped state -----------------------------
 
+
 def test_ipv6_counts_per_prefix_ipv4_per_address(path):
     cfg = config()
     store = Store(path)
@@ -510,7 +549,7 @@ def test_the_stopped_state_lives_in_the_store_and_refuses_everyone(path):
     assert Store(path).view().get(STOPPED) == b"%d KILL from 192.0.2.1" % NOW
     assert refusal(Store(path).view(), b"198.51.100.7", 3) == "service stopped: KILL from 192.0.2.1"
     with Store(path).lock() as tx:
-        tx.compact(keeper(config(), NOW + 10 ** 8))
+        tx.compact(keeper(config(), NOW + 10**8))
     assert refusal(Store(path).view(), b"198.51.100.7", 3).startswith("service stopped")
 
 

@@ -1,4 +1,5 @@
 """systemd socket activation: the shipped units, and the handler as ostiary@.service runs it."""
+
 from __future__ import annotations
 
 import os
@@ -9,11 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, project_tool, require_tool
-from kit.wire import knock
-from kit.servers import unused_port
 from kit.procs import wait_for
+from kit.servers import unused_port
+from kit.wire import knock
 
 UNITS = ROOT / "service" / "systemd"
 KILL = b"systemd-kill-passphrase"
@@ -26,12 +26,22 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     handler = project_tool("ostiary-handle")
     for name in ("ostiary.socket", "ostiary@.service"):
         text = (UNITS / name).read_text()
-        (tmp_path / name).write_text(text.replace("ExecStart=/usr/bin/ostiary-handle",
-                                                  f"ExecStart={handler}"))
+        (tmp_path / name).write_text(
+            text.replace("ExecStart=/usr/bin/ostiary-handle", f"ExecStart={handler}")
+        )
     assert f"ExecStart={handler}" in (tmp_path / "ostiary@.service").read_text()
-    r = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "ostiary.socket"),
-                        str(tmp_path / "ostiary@.service")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            analyze,
+            "verify",
+            "--man=no",
+            str(tmp_path / "ostiary.socket"),
+            str(tmp_path / "ostiary@.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "ostiary" not in r.stderr, r.stderr
 
@@ -41,8 +51,12 @@ def test_units_say_what_the_issue_asks():
     service = (UNITS / "ostiary@.service").read_text()
     for line in ("Accept=yes", "MaxConnections=", "MaxConnectionsPerSource="):
         assert re.search(rf"^{line}", socket_unit, re.M), line
-    for line in ("StandardInput=socket", "StandardOutput=socket", "StandardError=journal",
-                 "KillMode=process"):
+    for line in (
+        "StandardInput=socket",
+        "StandardOutput=socket",
+        "StandardError=journal",
+        "KillMode=process",
+    ):
         assert re.search(rf"^{line}$", service, re.M), line
 
 
@@ -55,17 +69,30 @@ class Activated:
         cfg = tmp / "ostiary.cfg"
         cfg.write_text(config)
         cfg.chmod(0o600)
-        cmd = [require_tool("systemd-socket-activate"), "-l", f"127.0.0.1:{self.port}",
-               "--accept", "--inetd"]
+        cmd = [
+            require_tool("systemd-socket-activate"),
+            "-l",
+            f"127.0.0.1:{self.port}",
+            "--accept",
+            "--inetd",
+        ]
         for key, value in env.items():
             cmd += ["-E", f"{key}={value}"]
         cmd += [project_tool("ostiary-handle"), "-c", str(cfg)]
         with open(self.log, "wb") as sink:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink,
-                                         stderr=sink, start_new_session=True,
-                                         env={"PATH": os.environ["PATH"]})
-        wait_for(lambda: f"Listening on 127.0.0.1:{self.port}" in self.text(), 10,
-                 "systemd-socket-activate to listen")
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+                start_new_session=True,
+                env={"PATH": os.environ["PATH"]},
+            )
+        wait_for(
+            lambda: f"Listening on 127.0.0.1:{self.port}" in self.text(),
+            10,
+            "systemd-socket-activate to listen",
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -87,9 +114,11 @@ def activated(tmp_path):
         action.chmod(0o755)
         state = tmp_path / "state"
         state.mkdir(mode=0o700, exist_ok=True)
-        config = (f'KILL="{KILL.decode()}"\nACTION="{ACTION.decode()}","{action}",{os.getuid()},{os.getgid()}\n'
-                  f'LOCKOUT_DB="{state}/lockout.cdb"\nDELAY=0\nCOMM_TIMEOUT=5\n'
-                  "MAX_BAD_CONNS=2\nMIN_LOGLEVEL=LOG_INFO\n")
+        config = (
+            f'KILL="{KILL.decode()}"\nACTION="{ACTION.decode()}","{action}",{os.getuid()},{os.getgid()}\n'
+            f'LOCKOUT_DB="{state}/lockout.cdb"\nDELAY=0\nCOMM_TIMEOUT=5\n'
+            "MAX_BAD_CONNS=2\nMIN_LOGLEVEL=LOG_INFO\n"
+        )
         rig = Activated(tmp_path, config, env)
         started.append(rig)
         return rig
@@ -118,11 +147,13 @@ def test_lockout_and_only_the_salt_without_remote_addr(activated, tmp_path):
     assert len(knock(rig.port, response_bytes=bytes(32))) == 32
     # More than a response: the handler reads 32 bytes, sends nothing but the salt.
     assert len(knock(rig.port, response_bytes=os.urandom(32) * 4)) == 32
-    wait_for(lambda: "127.0.0.1 locked out after 2 bad connections" in rig.text(), 10,
-             "the lockout")
+    wait_for(
+        lambda: "127.0.0.1 locked out after 2 bad connections" in rig.text(), 10, "the lockout"
+    )
     assert knock(rig.port, ACTION) == b""  # locked: closed at once, nothing sent
-    wait_for(lambda: "127.0.0.1 closed at once: locked out" in rig.text(), 10,
-             "the refusal's log line")
+    wait_for(
+        lambda: "127.0.0.1 closed at once: locked out" in rig.text(), 10, "the refusal's log line"
+    )
     assert not (tmp_path / "seen").exists()
 
 
@@ -137,6 +168,8 @@ def test_a_silent_client_gets_the_salt_and_a_close(activated):
                 break
             got += chunk
     assert len(got) == 32
-    wait_for(lambda: "198.51.100.9 failed: timeout after 0 bytes" in rig.text(), 10,
-             "the timeout's log line")
-
+    wait_for(
+        lambda: "198.51.100.9 failed: timeout after 0 bytes" in rig.text(),
+        10,
+        "the timeout's log line",
+    )

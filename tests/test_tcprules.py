@@ -4,6 +4,7 @@ Every rules file is compiled by real tcprules and by ostiary-tcprules and the
 two CDBs must be identical; real tcprulescheck, real tcpserver and our lookup
 must then reach the same verdicts.
 """
+
 from __future__ import annotations
 
 import io
@@ -15,14 +16,13 @@ from pathlib import Path
 
 import cdblib
 import pytest
+from conftest import ROOT, project_tool, require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, project_tool, require_tool
-from ostiary_ucspi.ucspi import rules
 from ostiary_ucspi.cdb import write_cdb
+from ostiary_ucspi.ucspi import rules
 from ostiary_ucspi.ucspi.tcprules import Fatal, parse_rules
-
 
 # Keys whose djb hash is 0 and 0 mod 1024: cdblib.Writer (pure-cdb 4) takes a
 # slot holding hash 0 for empty and overwrites it, losing the deny rule.
@@ -44,10 +44,10 @@ CORPUS: dict[str, bytes] = {
         b"=.example.com:allow,K=/=.example.com/\n=.com:deny\n=:allow,K=/=/\n:deny\n"
     ),
     "delimiters": (
-        b"1.2.3.4:allow,A=//,B='x y',C=xhellox,D=|a,b=c|,E=\"\",F=..,G=%with \"quotes\"%\n"
+        b'1.2.3.4:allow,A=//,B=\'x y\',C=xhellox,D=|a,b=c|,E="",F=..,G=%with "quotes"%\n'
         b'1.2.3.5:deny,A="denied vars are stored"\n'
-        b"1.2.3.6:allow,A=\"=\",B-C=\"dash\",lower=\"x\"\n"
-        b":allow,A,B=\"comma in name\",=\"\"\n"
+        b'1.2.3.6:allow,A="=",B-C="dash",lower="x"\n'
+        b':allow,A,B="comma in name",=""\n'
     ),
     "ranges": (
         b"1.2.3.4-7:allow\n10.2-3.:deny\n1.2.3.-2:allow,R=/low/\n1.2.3.250-300:allow,R=/cap/\n"
@@ -56,17 +56,17 @@ CORPUS: dict[str, bytes] = {
     ),
     "no-range-expansion": b"=a-b.example:allow\njoe@1.2.3.4-5:deny\nx-y=z:allow\n",
     "duplicates": (
-        b"1.2.3.4:deny\n1.2.3.4:allow,A=\"second\"\n1.2.3.4-6:allow,A=\"range\"\n"
+        b'1.2.3.4:deny\n1.2.3.4:allow,A="second"\n1.2.3.4-6:allow,A="range"\n'
         b":deny\n:allow\n=:allow\n=:deny\n"
     ),
     "whitespace": (
         b"1.2.3.4:allow \t \n 1.2.3.5:deny\n1.2.3.6\t:deny\n #x:allow\n"
-        b"no colon here\n1.2.3.7:allow,A=\" spaces kept \"  \n"
+        b'no colon here\n1.2.3.7:allow,A=" spaces kept "  \n'
     ),
     "no-final-newline": b"1.2.3.4:deny\n:allow",
-    "eight-bit": b"=h\xc3\xa9.example:allow,N=\"\xff\xfe\"\n\xff@1.2.3.4:deny\n",
+    "eight-bit": b'=h\xc3\xa9.example:allow,N="\xff\xfe"\n\xff@1.2.3.4:deny\n',
     "hash-zero": HASH0 + b":deny\n" + HASH0_NEIGHBOUR + b":allow\n:allow\n",
-    "many-keys": b"10.0-255.:allow\n10.1.1.0-255:deny\n10.1.2.0-255:allow,X=\"y\"\n:deny\n",
+    "many-keys": b'10.0-255.:allow\n10.1.1.0-255:deny\n10.1.2.0-255:allow,X="y"\n:deny\n',
     "example-file": (ROOT / "tcprules" / "ostiary").read_bytes(),
 }
 
@@ -85,24 +85,47 @@ BAD: dict[str, tuple[bytes, int]] = {
     "dos-line-ending": (b"1.2.3.4:allow\r\n", 1),
     "ipv6-address": (b"::1:allow\n", 1),
     "two-colons": (b"a:b:allow\n", 1),
-    "bad-after-good": (b"1.2.3.4:allow\n\n#x\n10.:deny\n5.6.7.8:allow,A=\"x\",B=y\n:allow\n", 5),
+    "bad-after-good": (b'1.2.3.4:allow\n\n#x\n10.:deny\n5.6.7.8:allow,A="x",B=y\n:allow\n', 5),
     "bad-last-line-no-newline": (b"1.2.3.4:allow\n1.2.3.5:deny,", 2),
 }
 
 QUERIES: list[tuple[str, str | None, str | None]] = [
-    ("127.0.0.1", None, None), ("127.0.0.2", None, None), ("127.0.0.1", None, "joe"),
-    ("127.0.0.1", None, "bill"), ("10.0.0.5", None, None), ("10.0.1.5", None, None),
-    ("10.2.9.9", None, None), ("10.3.1.1", None, None), ("10.4.1.1", None, None),
-    ("10.1.1.7", None, None), ("10.1.2.7", None, None), ("1.2.3.0", None, None),
-    ("1.2.3.4", None, None), ("1.2.3.4", None, "joe"), ("1.2.3.5", None, None),
-    ("1.2.3.6", None, None), ("1.2.3.7", None, None), ("1.2.3.8", None, None),
-    ("1.2.3.255", None, None), ("1.3.4.5", None, None), ("18.23.0.32", "mail.example.com", None),
-    ("9.9.9.9", "mail.example.com", None), ("9.9.9.9", "www.example.com", "joe"),
-    ("9.9.9.9", "example.com", None), ("9.9.9.9", "example.org", None), ("9.9.9.9", "", None),
-    ("39.160.226.88", None, None), ("10.0.1.92", None, None), ("9.9.9.9", "hé.example", None),
-    ("192.0.2.7", None, None), ("198.51.100.1", "host.example.net", None),
-    ("203.0.113.15", None, None), ("203.0.113.21", None, None), ("0.0.0.0", None, None),
-    ("2001:db8::1", None, None), ("2001:db8::1", "v6.example.com", "joe"),
+    ("127.0.0.1", None, None),
+    ("127.0.0.2", None, None),
+    ("127.0.0.1", None, "joe"),
+    ("127.0.0.1", None, "bill"),
+    ("10.0.0.5", None, None),
+    ("10.0.1.5", None, None),
+    ("10.2.9.9", None, None),
+    ("10.3.1.1", None, None),
+    ("10.4.1.1", None, None),
+    ("10.1.1.7", None, None),
+    ("10.1.2.7", None, None),
+    ("1.2.3.0", None, None),
+    ("1.2.3.4", None, None),
+    ("1.2.3.4", None, "joe"),
+    ("1.2.3.5", None, None),
+    ("1.2.3.6", None, None),
+    ("1.2.3.7", None, None),
+    ("1.2.3.8", None, None),
+    ("1.2.3.255", None, None),
+    ("1.3.4.5", None, None),
+    ("18.23.0.32", "mail.example.com", None),
+    ("9.9.9.9", "mail.example.com", None),
+    ("9.9.9.9", "www.example.com", "joe"),
+    ("9.9.9.9", "example.com", None),
+    ("9.9.9.9", "example.org", None),
+    ("9.9.9.9", "", None),
+    ("39.160.226.88", None, None),
+    ("10.0.1.92", None, None),
+    ("9.9.9.9", "hé.example", None),
+    ("192.0.2.7", None, None),
+    ("198.51.100.1", "host.example.net", None),
+    ("203.0.113.15", None, None),
+    ("203.0.113.21", None, None),
+    ("0.0.0.0", None, None),
+    ("2001:db8::1", None, None),
+    ("2001:db8::1", "v6.example.com", "joe"),
 ]
 
 
@@ -141,7 +164,7 @@ def check(tcprulescheck: str, cdb: Path, ip: str, host: str | None, info: str | 
     variables = {}
     for line in lines[1:-1]:
         assert line.startswith("set environment variable "), lines
-        name, _, value = line[len("set environment variable "):].partition("=")
+        name, _, value = line[len("set environment variable ") :].partition("=")
         if name:  # lookup skips empty names: no environment can hold them
             variables[name] = value
     return key, (True, variables)
@@ -194,9 +217,17 @@ def test_example_file_decisions(tools: dict[str, str], tmp_path: Path) -> None:
     cdb = tmp_path / "ostiary.cdb"
     assert compile_with(tools["ours"], CORPUS["example-file"], cdb).returncode == 0
     expected = {
-        "127.0.0.1": True, "127.1.2.3": True, "192.0.2.9": True, "198.51.100.7": False,
-        "203.0.113.9": True, "203.0.113.10": False, "203.0.113.20": False, "203.0.113.21": True,
-        "8.8.8.8": True, "2001:db8::1": True, "::ffff:198.51.100.7": False,
+        "127.0.0.1": True,
+        "127.1.2.3": True,
+        "192.0.2.9": True,
+        "198.51.100.7": False,
+        "203.0.113.9": True,
+        "203.0.113.10": False,
+        "203.0.113.20": False,
+        "203.0.113.21": True,
+        "8.8.8.8": True,
+        "2001:db8::1": True,
+        "::ffff:198.51.100.7": False,
     }
     for ip, allowed in expected.items():
         verdict = rules.lookup(str(cdb), ip)
@@ -206,8 +237,17 @@ def test_example_file_decisions(tools: dict[str, str], tmp_path: Path) -> None:
 def test_lookup_order(tools: dict[str, str], tmp_path: Path) -> None:
     """Remove the winning key each round: the next one in tcpserver's order wins."""
     order = [
-        "joe@1.2.3.4", "joe@=www.example.com", "1.2.3.4", "=www.example.com", "1.2.3.", "1.2.",
-        "1.", "=.example.com", "=.com", "=", "",
+        "joe@1.2.3.4",
+        "joe@=www.example.com",
+        "1.2.3.4",
+        "=www.example.com",
+        "1.2.3.",
+        "1.2.",
+        "1.",
+        "=.example.com",
+        "=.com",
+        "=",
+        "",
     ]
     assert rules.candidate_keys("1.2.3.4", "www.example.com", "joe") == order
     cdb = tmp_path / "r.cdb"
@@ -266,7 +306,9 @@ def serve_once(tcpserver: str, cdb: Path, allow_missing: bool = False) -> bytes:
     opts = ["-X"] if allow_missing else []
     server = subprocess.Popen(
         [tcpserver, "-1", "-HRl0", *opts, "-x", str(cdb), "127.0.0.1", "0", "env"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": os.environ["PATH"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={"PATH": os.environ["PATH"]},
     )
     try:
         port = int(server.stdout.readline())
@@ -385,8 +427,33 @@ def test_system_errors(tools: dict[str, str], tmp_path: Path) -> None:
 
 
 _piece = st.sampled_from(
-    [b"1", b"2", b"04", b"255", b"300", b".", b"-", b"=", b"@", b":", b",", b'"', b"/", b"x",
-     b"allow", b"deny", b"A", b" ", b"\t", b"#", b"\r", b"\0", b"\xff", b"joe", b"example"]
+    [
+        b"1",
+        b"2",
+        b"04",
+        b"255",
+        b"300",
+        b".",
+        b"-",
+        b"=",
+        b"@",
+        b":",
+        b",",
+        b'"',
+        b"/",
+        b"x",
+        b"allow",
+        b"deny",
+        b"A",
+        b" ",
+        b"\t",
+        b"#",
+        b"\r",
+        b"\0",
+        b"\xff",
+        b"joe",
+        b"example",
+    ]
 )
 _address = st.lists(_piece.filter(lambda p: p not in (b":", b"\r")), max_size=6).map(b"".join)
 _variable = st.builds(
@@ -397,7 +464,9 @@ _variable = st.builds(
 )
 _rule = st.builds(
     lambda a, i, v: a + b":" + i + b"".join(v),
-    _address, st.sampled_from([b"allow", b"deny"]), st.lists(_variable, max_size=3),
+    _address,
+    st.sampled_from([b"allow", b"deny"]),
+    st.lists(_variable, max_size=3),
 )
 _rules_file = st.builds(
     lambda lines, end: b"\n".join(lines) + end,

@@ -8,6 +8,7 @@ root, as CI has), so both servers see the same answers and nothing leaves
 the machine. Then -v log lines, messages and exit codes, -c, reaping,
 descriptors, SIGTERM, -x with rules compiled by real tcprules, -u/-g and IPv6.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,25 +21,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
+from conftest import project_tool, require_tool
 from hypothesis import given
 from hypothesis import strategies as st
-
-from conftest import project_tool, require_tool
 from kit.servers import listen, stop
+
 from ostiary_ucspi.ucspi import dns, tcpserver
 
-DNS_IP = "127.83.0.53"      # the fake DNS server
-CLIENT = "127.113.0.2"      # PTR client-host.example (A matches); identd: USERID "joe user"
+DNS_IP = "127.83.0.53"  # the fake DNS server
+CLIENT = "127.113.0.2"  # PTR client-host.example (A matches); identd: USERID "joe user"
 CLIENT_ERR = "127.113.0.3"  # PTR weird.example (A does not match); identd: ERROR
 CLIENT_ODD = "127.113.0.4"  # PTR with blanks, colon, backslash, control and 8-bit bytes
 CLIENT_SLOW = "127.113.0.5"  # identd accepts and never answers
 CLIENT_PTR = "127.113.0.7"  # PTR answer compressed against the question
 CLIENT_NONE = "127.113.0.8"  # no PTR (NXDOMAIN)
-
 
 
 def wire(*labels: bytes) -> bytes:
@@ -54,8 +54,14 @@ PTR = {
 }
 A = {"client-host.example": socket.inet_aton(CLIENT), "weird.example": socket.inet_aton("1.2.3.4")}
 
-BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DNSCACHEIP": DNS_IP, "FOO": "bar",
-            "TCPREMOTEHOST": "stale", "TCPREMOTEINFO": "stale", "TCPLOCALHOST": "stale"}
+BASE_ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "DNSCACHEIP": DNS_IP,
+    "FOO": "bar",
+    "TCPREMOTEHOST": "stale",
+    "TCPREMOTEINFO": "stale",
+    "TCPLOCALHOST": "stale",
+}
 
 
 def real() -> str:
@@ -67,6 +73,7 @@ def shim() -> str:
 
 
 # --- fake DNS server and identd ---------------------------------------------
+
 
 def dns_reply(query: bytes) -> bytes:
     """Answer a query from the PTR and A tables (NXDOMAIN otherwise)."""
@@ -142,6 +149,7 @@ def fakes() -> Iterator[None]:
 
 # --- running servers and clients ------------------------------------------
 
+
 class Server:
     """A running tcpserver (real or shim) started with -1."""
 
@@ -168,8 +176,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(tool: str, flags: list[str], program: list[str], tmp: Path,
-            env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Iterator[Server]:
+def running(
+    tool: str,
+    flags: list[str],
+    program: list[str],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+) -> Iterator[Server]:
     log = tmp / f"log.{time.monotonic_ns()}"
     server = Server([tool, "-1", *flags, host, "0", *program], env or BASE_ENV, log)
     try:
@@ -178,8 +192,9 @@ def running(tool: str, flags: list[str], program: list[str], tmp: Path,
         server.stop()
 
 
-def talk(port: int, source: str | None = None, host: str = "127.0.0.1",
-         family: int = socket.AF_INET) -> tuple[bytes, int]:
+def talk(
+    port: int, source: str | None = None, host: str = "127.0.0.1", family: int = socket.AF_INET
+) -> tuple[bytes, int]:
     """Connect, read until EOF; return (data, the client's port)."""
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(10)
@@ -205,8 +220,13 @@ def environment(data: bytes, server_port: int, client_port: int) -> dict[str, st
     return env
 
 
-def both_envs(flags: list[str], tmp: Path, source: str | None = None,
-              env: dict[str, str] | None = None, banner: bytes = b"") -> dict[str, str]:
+def both_envs(
+    flags: list[str],
+    tmp: Path,
+    source: str | None = None,
+    env: dict[str, str] | None = None,
+    banner: bytes = b"",
+) -> dict[str, str]:
     """Make the same connection through real tcpserver and the shim; the
     environments must be equal. Returns the shim's."""
     results = []
@@ -214,7 +234,7 @@ def both_envs(flags: list[str], tmp: Path, source: str | None = None,
         with running(tool, flags, ["env", "-0"], tmp, env) as server:
             data, client_port = talk(server.port, source)
         assert data.startswith(banner), (tool, data[:100])
-        results.append(environment(data[len(banner):], server.port, client_port))
+        results.append(environment(data[len(banner) :], server.port, client_port))
     assert results[1] == results[0]
     return results[1]
 
@@ -226,14 +246,28 @@ def without(env: dict[str, str], *names: str) -> dict[str, str]:
 def test_env_plain_matches_real(tmp_path: Path) -> None:
     env = both_envs(["-HRl0"], tmp_path)
     # Nothing of Python's own (PEP 538's LC_CTYPE) leaks; stale look-up variables go.
-    assert env == {**without(BASE_ENV, "TCPREMOTEHOST", "TCPREMOTEINFO"), "PROTO": "TCP",
-                   "TCPLOCALIP": "127.0.0.1", "TCPLOCALHOST": "0", "TCPREMOTEIP": "127.0.0.1"}
+    assert env == {
+        **without(BASE_ENV, "TCPREMOTEHOST", "TCPREMOTEINFO"),
+        "PROTO": "TCP",
+        "TCPLOCALIP": "127.0.0.1",
+        "TCPLOCALHOST": "0",
+        "TCPREMOTEIP": "127.0.0.1",
+    }
 
 
 def test_env_keeps_whatever_the_server_inherited(tmp_path: Path) -> None:
-    env = both_envs(["-HRl", "name.example"], tmp_path,
-                    env={"PATH": BASE_ENV["PATH"], "PROTO": "UDP", "TCPREMOTEIP": "1.2.3.4",
-                         "TCP6REMOTEIP": "::2", "EMPTY": "", "LANG": "C"})
+    env = both_envs(
+        ["-HRl", "name.example"],
+        tmp_path,
+        env={
+            "PATH": BASE_ENV["PATH"],
+            "PROTO": "UDP",
+            "TCPREMOTEIP": "1.2.3.4",
+            "TCP6REMOTEIP": "::2",
+            "EMPTY": "",
+            "LANG": "C",
+        },
+    )
     assert env["PROTO"] == "TCP" and env["TCPREMOTEIP"] == "127.0.0.1"
     assert env["TCP6REMOTEIP"] == "::2" and env["EMPTY"] == "" and env["LANG"] == "C"
     assert env["TCPLOCALHOST"] == "name.example"
@@ -245,10 +279,20 @@ def test_banner_then_env_match_real(tmp_path: Path) -> None:
 
 
 LOOKUPS = [  # flags, client address, what the program must see (None: unset)
-    (["-h", "-r"], CLIENT, {"TCPLOCALHOST": "srv.example", "TCPREMOTEHOST": "client-host.example",
-                            "TCPREMOTEINFO": "joeuser"}),
-    (["-h", "-r", "-l", "mine"], CLIENT_ERR,
-     {"TCPLOCALHOST": "mine", "TCPREMOTEHOST": "weird.example", "TCPREMOTEINFO": ""}),
+    (
+        ["-h", "-r"],
+        CLIENT,
+        {
+            "TCPLOCALHOST": "srv.example",
+            "TCPREMOTEHOST": "client-host.example",
+            "TCPREMOTEINFO": "joeuser",
+        },
+    ),
+    (
+        ["-h", "-r", "-l", "mine"],
+        CLIENT_ERR,
+        {"TCPLOCALHOST": "mine", "TCPREMOTEHOST": "weird.example", "TCPREMOTEINFO": ""},
+    ),
     (["-p", "-R", "-l0"], CLIENT, {"TCPREMOTEHOST": "client-host.example", "TCPREMOTEINFO": None}),
     (["-p", "-R", "-l0"], CLIENT_ERR, {"TCPREMOTEHOST": None}),
     (["-h", "-R", "-l0"], CLIENT_ODD, {"TCPREMOTEHOST": "a\\040b\\072c\\134x\\001\\377.ex"}),
@@ -260,8 +304,9 @@ LOOKUPS = [  # flags, client address, what the program must see (None: unset)
 
 
 @pytest.mark.parametrize("flags, source, expected", LOOKUPS)
-def test_env_with_dns_and_ident_matches_real(fakes: None, tmp_path: Path, flags: list[str],
-                                             source: str, expected: dict[str, str | None]) -> None:
+def test_env_with_dns_and_ident_matches_real(
+    fakes: None, tmp_path: Path, flags: list[str], source: str, expected: dict[str, str | None]
+) -> None:
     env = both_envs(flags, tmp_path, source)
     assert env["TCPREMOTEIP"] == source
     for name, value in expected.items():
@@ -276,25 +321,37 @@ def test_ident_timeout_is_honoured(fakes: None, tmp_path: Path) -> None:
     assert 0.9 < took < 3 and b"TCPREMOTEIP=" + CLIENT_SLOW.encode() in data
 
 
-RULES = (f'joeuser@{CLIENT}:allow,RULE="info@ip",TCPREMOTEIP="spoofed"\n'
-         '=weird.example:allow,RULE="=host"\n'
-         f'{CLIENT_ODD}:allow,RULE="ip"\n'
-         '127.113.0.:allow,RULE="prefix",EMPTY=""\n'
-         '127.0.0.2:deny\n'
-         ':allow,RULE="default"\n')
+RULES = (
+    f'joeuser@{CLIENT}:allow,RULE="info@ip",TCPREMOTEIP="spoofed"\n'
+    '=weird.example:allow,RULE="=host"\n'
+    f'{CLIENT_ODD}:allow,RULE="ip"\n'
+    '127.113.0.:allow,RULE="prefix",EMPTY=""\n'
+    "127.0.0.2:deny\n"
+    ':allow,RULE="default"\n'
+)
 
 
 def tcprules(tmp: Path, text: str, name: str = "rules.cdb") -> Path:
     """Compile ``text`` with real tcprules; return the CDB's path."""
     cdb = tmp / name
-    subprocess.run([require_tool("tcprules"), str(cdb), str(tmp / "rules.tmp")],
-                   input=text.encode(), check=True)
+    subprocess.run(
+        [require_tool("tcprules"), str(cdb), str(tmp / "rules.tmp")],
+        input=text.encode(),
+        check=True,
+    )
     return cdb
 
 
-@pytest.mark.parametrize("source, rule", [(CLIENT, "info@ip"), (CLIENT_ERR, "=host"),
-                                          (CLIENT_ODD, "ip"), (CLIENT_NONE, "prefix"),
-                                          ("127.0.0.1", "default")])
+@pytest.mark.parametrize(
+    "source, rule",
+    [
+        (CLIENT, "info@ip"),
+        (CLIENT_ERR, "=host"),
+        (CLIENT_ODD, "ip"),
+        (CLIENT_NONE, "prefix"),
+        ("127.0.0.1", "default"),
+    ],
+)
 def test_rules_variables_match_real(fakes: None, tmp_path: Path, source: str, rule: str) -> None:
     cdb = tcprules(tmp_path, RULES)
     env = both_envs(["-h", "-r", "-l0", "-x", str(cdb)], tmp_path, source)
@@ -322,6 +379,7 @@ def test_rules_deny_missing_and_recompiled(tmp_path: Path, which: str) -> None:
 
 # --- -v log lines ----------------------------------------------------------
 
+
 def normalized(lines: list[str], server_port: int, client_port: int) -> list[str]:
     """Replace pids and ports, which differ from run to run."""
     pids = set(re.findall(r"pid (\d+) from", "\n".join(lines)))
@@ -334,8 +392,9 @@ def normalized(lines: list[str], server_port: int, client_port: int) -> list[str
     return out
 
 
-def verbose_log(tool: str, flags: list[str], program: list[str], tmp: Path,
-                source: str | None = None) -> list[str]:
+def verbose_log(
+    tool: str, flags: list[str], program: list[str], tmp: Path, source: str | None = None
+) -> list[str]:
     """The -v log of one connection, from start to the child's end."""
     with running(tool, ["-v", *flags], program, tmp) as server:
         _, client_port = talk(server.port, source)
@@ -345,8 +404,9 @@ def verbose_log(tool: str, flags: list[str], program: list[str], tmp: Path,
     return normalized(lines, server.port, client_port)
 
 
-@pytest.mark.parametrize("case", ["ok", "deny", "missing-rules", "not-runnable", "banner",
-                                  "percent"])
+@pytest.mark.parametrize(
+    "case", ["ok", "deny", "missing-rules", "not-runnable", "banner", "percent"]
+)
 def test_verbose_lines_match_real(tmp_path: Path, case: str) -> None:
     cdb = tcprules(tmp_path, "127.0.0.1:deny\n:allow\n")
     flags, program = {
@@ -360,9 +420,14 @@ def test_verbose_lines_match_real(tmp_path: Path, case: str) -> None:
     source = "127.0.0.1" if case == "deny" else "127.0.0.3"
     logs = [verbose_log(tool, flags, program, tmp_path, source) for tool in (real(), shim())]
     assert logs[1] == logs[0]
-    expected_end = {"ok": "status 0", "deny": "status 25600", "missing-rules": "status 28416",
-                    "not-runnable": "status 28416", "banner": "status 768",
-                    "percent": "status 0"}[case]
+    expected_end = {
+        "ok": "status 0",
+        "deny": "status 25600",
+        "missing-rules": "status 28416",
+        "not-runnable": "status 28416",
+        "banner": "status 768",
+        "percent": "status 0",
+    }[case]
     if case == "percent":
         assert any(" lo?cal?s.example:127.0.0.1:" in line for line in logs[1]), logs[1]
     assert f"tcpserver: end PID {expected_end}" in logs[1]
@@ -370,14 +435,18 @@ def test_verbose_lines_match_real(tmp_path: Path, case: str) -> None:
 
 
 def test_verbose_lines_with_lookups_match_real(fakes: None, tmp_path: Path) -> None:
-    logs = [verbose_log(tool, ["-h", "-r"], ["true"], tmp_path, CLIENT_ODD)
-            for tool in (real(), shim())]
+    logs = [
+        verbose_log(tool, ["-h", "-r"], ["true"], tmp_path, CLIENT_ODD) for tool in (real(), shim())
+    ]
     assert logs[1] == logs[0]
-    assert ("tcpserver: ok PID srv.example:127.0.0.1:PORT "
-            f"a\\040b\\072c\\134x\\001\\377.ex:{CLIENT_ODD}::CPORT") in logs[1]
+    assert (
+        "tcpserver: ok PID srv.example:127.0.0.1:PORT "
+        f"a\\040b\\072c\\134x\\001\\377.ex:{CLIENT_ODD}::CPORT"
+    ) in logs[1]
 
 
 # --- command line, messages, exit codes -------------------------------------
+
 
 def run_both(args: list[str], env: dict[str, str] | None = None) -> list[tuple[int, str]]:
     """(exit code, stderr) of real tcpserver and the shim.
@@ -390,19 +459,31 @@ def run_both(args: list[str], env: dict[str, str] | None = None) -> list[tuple[i
     for tool in (real(), shim()):
         p = subprocess.run([tool, *args], capture_output=True, timeout=10, env=env or BASE_ENV)
         name = re.escape(os.path.basename(tool))
-        text = re.sub(rf"^{name}: (illegal option|option requires)", r"NAME: \1",
-                      p.stderr.decode(), flags=re.M)
+        text = re.sub(
+            rf"^{name}: (illegal option|option requires)",
+            r"NAME: \1",
+            p.stderr.decode(),
+            flags=re.M,
+        )
         text = re.sub(r"\bostiary-tcpserver\b", "tcpserver", text)  # the shim names itself
         text = text.replace(" [ -F module ]", "")  # the shim's own option, not 0.88's
         out.append((p.returncode, text))
     return out
 
 
-@pytest.mark.parametrize("args, code", [
-    ([], 100), (["-Z"], 100), (["-c"], 100), (["-v", "127.0.0.1", "0"], 100),
-    (["-q", "127.0.0.1"], 100), (["-q", "-Z"], 100),
-    (["127.0.0.1", "no-such-service", "true"], 111), (["-q", "127.0.0.1", "nope", "true"], 111),
-])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        ([], 100),
+        (["-Z"], 100),
+        (["-c"], 100),
+        (["-v", "127.0.0.1", "0"], 100),
+        (["-q", "127.0.0.1"], 100),
+        (["-q", "-Z"], 100),
+        (["127.0.0.1", "no-such-service", "true"], 111),
+        (["-q", "127.0.0.1", "nope", "true"], 111),
+    ],
+)
 def test_usage_and_fatal_messages_match_real(args: list[str], code: int) -> None:
     results = run_both(args)
     assert results[1] == results[0]
@@ -442,6 +523,7 @@ def test_port_may_be_a_service_name(tmp_path: Path) -> None:
 
 
 # --- process hygiene ----------------------------------------------------------
+
 
 def children(pid: int) -> list[tuple[int, str]]:
     """(pid, state) of ``pid``'s children, from /proc."""
@@ -517,8 +599,11 @@ s.detach()
 """
 
 
-@pytest.mark.parametrize("flags", [["-HRl0"], ["-HRl0", "-B", "x"], ["-HRl0", "-x", "RULES"]],
-                         ids=["spawned", "forked", "with-rules"])
+@pytest.mark.parametrize(
+    "flags",
+    [["-HRl0"], ["-HRl0", "-B", "x"], ["-HRl0", "-x", "RULES"]],
+    ids=["spawned", "forked", "with-rules"],
+)
 def test_program_gets_only_the_socket(tmp_path: Path, flags: list[str]) -> None:
     cdb = tcprules(tmp_path, ":allow\n")
     flags = [str(cdb) if f == "RULES" else f for f in flags]
@@ -554,16 +639,21 @@ def privileged_port() -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-@pytest.mark.parametrize("flags, env", [(["-u", "65534", "-g", "65533"], {}),
-                                        (["-U"], {"UID": "65534", "GID": "65533"})])
-def test_privileges_dropped_after_binding(tmp_path: Path, flags: list[str],
-                                          env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "flags, env", [(["-u", "65534", "-g", "65533"], {}), (["-U"], {"UID": "65534", "GID": "65533"})]
+)
+def test_privileges_dropped_after_binding(
+    tmp_path: Path, flags: list[str], env: dict[str, str]
+) -> None:
     port = privileged_port()
     program = ["sh", "-c", "id -u; id -g; id -G"]
     outputs = []
     for tool in (real(), shim()):
-        server = Server([tool, "-1", "-HRl0", *flags, "127.0.0.1", str(port), *program],
-                        {**BASE_ENV, **env}, tmp_path / "log")
+        server = Server(
+            [tool, "-1", "-HRl0", *flags, "127.0.0.1", str(port), *program],
+            {**BASE_ENV, **env},
+            tmp_path / "log",
+        )
         try:
             outputs.append(talk(server.port)[0])
         finally:
@@ -579,13 +669,16 @@ s.detach()
 """
 
 
-@pytest.mark.parametrize("flags, expected", [([], b"0\n"), (["-D"], b"1\n"), (["-D", "-d"], b"0\n"),
-                                             (["-D", "-B", "x"], b"x1\n")])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [([], b"0\n"), (["-D"], b"1\n"), (["-D", "-d"], b"0\n"), (["-D", "-B", "x"], b"x1\n")],
+)
 def test_nodelay_matches_real(tmp_path: Path, flags: list[str], expected: bytes) -> None:
     outputs = []
     for tool in (real(), shim()):
-        with running(tool, ["-HRl0", *flags], [sys.executable, "-S", "-c", NODELAY],
-                     tmp_path) as server:
+        with running(
+            tool, ["-HRl0", *flags], [sys.executable, "-S", "-c", NODELAY], tmp_path
+        ) as server:
             outputs.append(talk(server.port)[0])
     assert outputs[1] == outputs[0] == expected
 
@@ -606,8 +699,14 @@ def test_ipv6(tmp_path: Path) -> None:
         lines = server.wait_log(r" end ")
     env = environment(data, server.port, client_port)
     assert {k: v for k, v in env.items() if k.startswith(("TCP", "PROTO"))} == {
-        "PROTO": "TCP6", "TCPLOCALIP": "::1", "TCPREMOTEIP": "::1", "TCPLOCALHOST": "0",
-        "TCP6LOCALIP": "::1", "TCP6REMOTEIP": "::1", "TCP6LOCALHOST": "0"}
+        "PROTO": "TCP6",
+        "TCPLOCALIP": "::1",
+        "TCPREMOTEIP": "::1",
+        "TCPLOCALHOST": "0",
+        "TCP6LOCALIP": "::1",
+        "TCP6REMOTEIP": "::1",
+        "TCP6LOCALHOST": "0",
+    }
     ok = normalized(lines, server.port, client_port)[3]
     assert ok == "tcpserver: ok PID 0:??1:PORT :??1::CPORT"
 
@@ -622,6 +721,7 @@ def test_ipv6_any_takes_ipv4_clients_as_ipv4(tmp_path: Path) -> None:
 
 
 # --- pieces -------------------------------------------------------------------
+
 
 @given(st.lists(st.binary(min_size=1, max_size=63), min_size=1, max_size=4))
 def test_dns_names_round_trip(labels: list[bytes]) -> None:

@@ -6,9 +6,10 @@ own and to ``Tally.totals``; nothing depends on another test having run. At
 the end of the session every section's check is asserted and its line, then
 the totals line, are printed.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -28,9 +29,13 @@ class Tally:
         self.sections: dict[str, tuple[dict, Callable[[dict], str], Callable[[dict], bool]]] = {}
         self.servers = 0  # servers (kit.servers.Server) that added their connections
 
-    def section(self, name: str, render: Callable[[dict], str],
-                check: Callable[[dict], bool] = lambda s: s.get("crashes", 0) == 0,
-                **counters: float) -> dict:
+    def section(
+        self,
+        name: str,
+        render: Callable[[dict], str],
+        check: Callable[[dict], bool] = lambda s: s.get("crashes", 0) == 0,
+        **counters: float,
+    ) -> dict:
         """The counters of section ``name`` (made on first use), its summary line and its check."""
         if name not in self.sections:
             self.sections[name] = (dict(counters), render, check)
@@ -40,8 +45,10 @@ class Tally:
         """The summary: one line per section used, then the totals."""
         out = [render(counts) for counts, render, _ in self.sections.values()]
         t = self.totals
-        out.append(f"totals: {t['inputs']} adversarial inputs, {t['connections']} connections "
-                   f"served, {t['crashes']} crashes, {t['false positives']} false positives")
+        out.append(
+            f"totals: {t['inputs']} adversarial inputs, {t['connections']} connections "
+            f"served, {t['crashes']} crashes, {t['false positives']} false positives"
+        )
         return out
 
     def verify(self) -> None:

@@ -1,7 +1,8 @@
 """The adversarial suite's session ``tally``, checked and printed when the run ends."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -5,17 +5,18 @@ argv [path, address], PATH alone in its environment, /dev/null on stdin, the
 log pipe on stdout and stderr, and no other descriptor: not even one the
 server inherited from whoever started it, however high its number.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 
 import pytest
-
 from kit.procs import exec_done, wait_for
 from kit.servers import Server
 from kit.site import Site
 from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
+
 from ostiary_ucspi.actions import SAFE_PATH
 
 INSPECT = """#!/bin/sh
@@ -51,8 +52,16 @@ def test_a_compromised_action_inherits_nothing_but_its_three_descriptors(secret_
                 sock.sendall(response(secret, salt))
                 sock.shutdown(socket.SHUT_WR)
                 assert salt + read_to_eof(sock) == salt
-            pid = int(wait_for(lambda: (site.out / "inspect.pid").exists()
-                               and (site.out / "inspect.pid").read_text().strip(), 10, "the action"))
+            pid = int(
+                wait_for(
+                    lambda: (
+                        (site.out / "inspect.pid").exists()
+                        and (site.out / "inspect.pid").read_text().strip()
+                    ),
+                    10,
+                    "the action",
+                )
+            )
             exec_done(pid, "sleep")
             fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
             env = (site.out / "inspect.env").read_bytes().split(b"\0")[:-1]

@@ -5,20 +5,43 @@ anything as the client's address. Actions and log lines get the canonical
 form of the address that was charged, and nothing that is not an address gets
 a salt, a charge or an action.
 """
+
 from __future__ import annotations
 
 import pytest
-
 from kit.site import OPEN
+
 from ostiary_ucspi.address import parse
 
-HOSTILE = ["1.2.3.4\x1b[2J", "1.2.3.4\rostiary-handle: notice: 9.9.9.9 action 1",
-           "$(reboot)", "1.2.3.4;reboot", "1.2.3.4 5.6.7.8", "`id`", "1.2.3.4\n",
-           "fe80::1%$(reboot)", "fe80::1%eth0;id", "fe80::1%\x1b", "::1%", "１.2.3.4",
-           "1.2.3.256", "1.2.3", "0x7f.0.0.1", "1.2.3.4/24", "", " 1.2.3.4", "::ffff:010.0.0.1"]
-CANONICAL = {"010.000.000.001": "10.0.0.1", "127.000.000.001": "127.0.0.1",
-             "fe80::1%eth0": "fe80::1", "2001:DB8:0:0::1": "2001:db8::1",
-             "::ffff:192.0.2.1": "192.0.2.1", "0:0:0:0:0:0:0:1": "::1"}
+HOSTILE = [
+    "1.2.3.4\x1b[2J",
+    "1.2.3.4\rostiary-handle: notice: 9.9.9.9 action 1",
+    "$(reboot)",
+    "1.2.3.4;reboot",
+    "1.2.3.4 5.6.7.8",
+    "`id`",
+    "1.2.3.4\n",
+    "fe80::1%$(reboot)",
+    "fe80::1%eth0;id",
+    "fe80::1%\x1b",
+    "::1%",
+    "１.2.3.4",
+    "1.2.3.256",
+    "1.2.3",
+    "0x7f.0.0.1",
+    "1.2.3.4/24",
+    "",
+    " 1.2.3.4",
+    "::ffff:010.0.0.1",
+]
+CANONICAL = {
+    "010.000.000.001": "10.0.0.1",
+    "127.000.000.001": "127.0.0.1",
+    "fe80::1%eth0": "fe80::1",
+    "2001:DB8:0:0::1": "2001:db8::1",
+    "::ffff:192.0.2.1": "192.0.2.1",
+    "0:0:0:0:0:0:0:1": "::1",
+}
 
 
 @pytest.mark.parametrize("text", HOSTILE)
@@ -32,8 +55,10 @@ def test_an_address_goes_on_in_its_canonical_form(text, shown):
     assert parse(text)[0] == shown
 
 
-@pytest.mark.parametrize("text", ["1.2.3.4\x1b[2J", "1.2.3.4\rforged line", "$(reboot)",
-                                  "1.2.3.4;reboot", "fe80::1%$(id)"])
+@pytest.mark.parametrize(
+    "text",
+    ["1.2.3.4\x1b[2J", "1.2.3.4\rforged line", "$(reboot)", "1.2.3.4;reboot", "fe80::1%$(id)"],
+)
 def test_the_handler_refuses_a_hostile_address_with_one_clean_line(rig, text):
     got, code = rig.handle(OPEN, remote_ip=text)
     assert (got, code) == (b"", 111)
@@ -43,8 +68,9 @@ def test_the_handler_refuses_a_hostile_address_with_one_clean_line(rig, text):
     assert rig.runs("open") == [] and rig.store_view() is None  # no charge, no action
 
 
-@pytest.mark.parametrize("text, shown", [("010.000.000.001", "10.0.0.1"),
-                                         ("127.000.000.001", "127.0.0.1")])
+@pytest.mark.parametrize(
+    "text, shown", [("010.000.000.001", "10.0.0.1"), ("127.000.000.001", "127.0.0.1")]
+)
 def test_actions_and_the_log_get_the_charged_address(rig, text, shown):
     got, code = rig.handle(OPEN, remote_ip=text)
     assert code == 0 and len(got) == 32

@@ -7,6 +7,7 @@ another exception, never a hang. The real ``ostiary-handle`` then gets a
 sample of them: one ``fatal`` log line or a salt, never a traceback, and
 nothing at all for the client when the config is bad.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,29 +20,62 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import project_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import project_tool
 from kit.wire import SALT_LEN, read_to_eof
+
 from ostiary_ucspi.config import UNDO_MAX, Config, ConfigError, load, parse
 
 NAME = "fuzz.cfg"
 ERROR = re.compile(r"^(?:/\S*/)?fuzz\.cfg(?::(\d+))?: \S[^\n]*$")  # the file as given
 ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+SETTINGS = dict(
+    deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
-KEYS = ("KILL", "ACTION", "LOCKOUT_ACTION", "UNDO", "LOCKOUT_DB", "DELAY", "COMM_TIMEOUT",
-        "MAX_BAD_CONNS", "MAX_SINGLE_ERRS", "MAX_TOTAL_ERRS", "EXIT_ON_IPCACHE_FULL",
-        "IPCACHE_SIZE", "DEFAULT_UID", "DEFAULT_GID", "MIN_LOGLEVEL", "STRIKE_EXPIRE",
-        "LOCKOUT_EXPIRE", "IPV6_PREFIX", "PORT", "LOCAL_IP", "SKIP_DETACH", "IGNORE_URANDOM",
-        "PIDFILE")
-BASE = ['KILL="fuzz-kill-passphrase"', 'ACTION="fuzz-open-passphrase","/bin/true"',
-        'UNDO=60,"/bin/true"', 'ACTION="fuzz-other-passphrase","/bin/echo",nobody,"nogroup"',
-        'LOCKOUT_ACTION="","/bin/echo"', "MAX_BAD_CONNS=3", "COMM_TIMEOUT=5", "DELAY=0",
-        "MIN_LOGLEVEL=LOG_INFO", "EXIT_ON_IPCACHE_FULL", "DEFAULT_UID=65534", "IPV6_PREFIX=64",
-        "# a comment", "", 'PORT=7050 # trailing comment']
+KEYS = (
+    "KILL",
+    "ACTION",
+    "LOCKOUT_ACTION",
+    "UNDO",
+    "LOCKOUT_DB",
+    "DELAY",
+    "COMM_TIMEOUT",
+    "MAX_BAD_CONNS",
+    "MAX_SINGLE_ERRS",
+    "MAX_TOTAL_ERRS",
+    "EXIT_ON_IPCACHE_FULL",
+    "IPCACHE_SIZE",
+    "DEFAULT_UID",
+    "DEFAULT_GID",
+    "MIN_LOGLEVEL",
+    "STRIKE_EXPIRE",
+    "LOCKOUT_EXPIRE",
+    "IPV6_PREFIX",
+    "PORT",
+    "LOCAL_IP",
+    "SKIP_DETACH",
+    "IGNORE_URANDOM",
+    "PIDFILE",
+)
+BASE = [
+    'KILL="fuzz-kill-passphrase"',
+    'ACTION="fuzz-open-passphrase","/bin/true"',
+    'UNDO=60,"/bin/true"',
+    'ACTION="fuzz-other-passphrase","/bin/echo",nobody,"nogroup"',
+    'LOCKOUT_ACTION="","/bin/echo"',
+    "MAX_BAD_CONNS=3",
+    "COMM_TIMEOUT=5",
+    "DELAY=0",
+    "MIN_LOGLEVEL=LOG_INFO",
+    "EXIT_ON_IPCACHE_FULL",
+    "DEFAULT_UID=65534",
+    "IPV6_PREFIX=64",
+    "# a comment",
+    "",
+    "PORT=7050 # trailing comment",
+]
 
 
 class Hang(Exception):
@@ -56,16 +90,29 @@ def on_alarm(signum, frame):
 def parser(tally) -> dict:
     """This module's parser figures (``TALLY``), part of the run's ``tally``."""
     counts = tally.section(
-        "config parser", inputs=0, valid=0, errors=0, crashes=0, slowest=0.0,
-        render=lambda t: f"config parser: {t['inputs']} inputs, {t['valid']} valid, "
-        f"{t['errors']} located errors, {t['crashes']} crashes, "
-        f"slowest parse {t['slowest'] * 1000:.1f} ms")
+        "config parser",
+        inputs=0,
+        valid=0,
+        errors=0,
+        crashes=0,
+        slowest=0.0,
+        render=lambda t: (
+            f"config parser: {t['inputs']} inputs, {t['valid']} valid, "
+            f"{t['errors']} located errors, {t['crashes']} crashes, "
+            f"slowest parse {t['slowest'] * 1000:.1f} ms"
+        ),
+    )
     counts["totals"] = tally.totals
     return counts
 
 
-def judge(TALLY: dict, text: str | None = None, raw: bytes | None = None,
-          total: bool = True, name: str = NAME) -> Config | ConfigError:
+def judge(
+    TALLY: dict,
+    text: str | None = None,
+    raw: bytes | None = None,
+    total: bool = True,
+    name: str = NAME,
+) -> Config | ConfigError:
     """Parse ``text`` as file ``name`` (or load ``raw`` from a file); check the verdict; add it
     to ``TALLY`` (and, if ``total``, to the run's totals); return it."""
     TALLY["inputs"] += 1
@@ -128,16 +175,38 @@ def valid(cfg: Config) -> None:
 
 # -- strategies -------------------------------------------------------------------
 
-digits = st.one_of(st.integers(-5, 10**6).map(str), st.integers(0, 2**70).map(str),
-                   st.sampled_from((20, 4300, 4301, 6000)).map(lambda n: "9" * n),
-                   st.sampled_from(("٣", "0x10", "4294967295", "4294967294", "1e3", "")))
+digits = st.one_of(
+    st.integers(-5, 10**6).map(str),
+    st.integers(0, 2**70).map(str),
+    st.sampled_from((20, 4300, 4301, 6000)).map(lambda n: "9" * n),
+    st.sampled_from(("٣", "0x10", "4294967295", "4294967294", "1e3", "")),
+)
 words = st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=20)
-quoted = st.builds(lambda s, close: '"' + s.replace('"', '\\"') + ('"' if close else ""),
-                   words, st.sampled_from((True, True, True, False)))
-paths = st.sampled_from(("/bin/true", "/bin/echo", "bin/true", "", "/", "/nonexistent/x",
-                         '"/bin/true"', "/bin/tr\\\"ue"))
-names = st.sampled_from(("nobody", "root", "nogroup", "no-such-user", '"nobody"', "0", "-1",
-                         "LOG_DEBUG", "LOG_NOPE", "yes", "no", "1", "0"))
+quoted = st.builds(
+    lambda s, close: '"' + s.replace('"', '\\"') + ('"' if close else ""),
+    words,
+    st.sampled_from((True, True, True, False)),
+)
+paths = st.sampled_from(
+    ("/bin/true", "/bin/echo", "bin/true", "", "/", "/nonexistent/x", '"/bin/true"', '/bin/tr\\"ue')
+)
+names = st.sampled_from(
+    (
+        "nobody",
+        "root",
+        "nogroup",
+        "no-such-user",
+        '"nobody"',
+        "0",
+        "-1",
+        "LOG_DEBUG",
+        "LOG_NOPE",
+        "yes",
+        "no",
+        "1",
+        "0",
+    )
+)
 atoms = st.one_of(digits, quoted, paths, names, words)
 values = st.one_of(atoms, st.lists(atoms, min_size=0, max_size=5).map(",".join))
 keys = st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS).map(str.lower), words)
@@ -145,12 +214,15 @@ seps = st.sampled_from(("=", "=", "=", " = ", "", "==", "\t=\t"))
 comments = st.sampled_from(("", "", " # note", '#"', " #", ' "#" '))
 lines = st.one_of(
     st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), atoms),
-    st.builds(lambda k, s, v, c: k + s + v + c, keys, seps, values, comments))
-grammar = st.builds(lambda base, extra, order, nl: nl.join(
-    [x for _, x in sorted(zip(order, base + extra))]),
-    st.lists(st.sampled_from(BASE), max_size=8), st.lists(lines, max_size=8),
+    st.builds(lambda k, s, v, c: k + s + v + c, keys, seps, values, comments),
+)
+grammar = st.builds(
+    lambda base, extra, order, nl: nl.join([x for _, x in sorted(zip(order, base + extra))]),
+    st.lists(st.sampled_from(BASE), max_size=8),
+    st.lists(lines, max_size=8),
     st.lists(st.integers(0, 100), min_size=16, max_size=16),
-    st.sampled_from(("\n", "\n", "\r\n")))
+    st.sampled_from(("\n", "\n", "\r\n")),
+)
 
 
 @st.composite
@@ -167,7 +239,7 @@ def mutated(draw) -> str:
             bit = draw(st.one_of(words, st.sampled_from(('"', "\\", "#", ",", "=", "\n", "\0"))))
             text = text[:i] + bit + text[i:]
         elif op == "replace":
-            text = text[:i] + draw(st.characters(codec="utf-8")) + text[i + 1:]
+            text = text[:i] + draw(st.characters(codec="utf-8")) + text[i + 1 :]
         elif op == "duplicate":
             text = text[:j] + text[i:j] + text[j:]
         elif op == "truncate":
@@ -202,22 +274,33 @@ def test_mutated_configs_give_a_config_or_one_located_error(parser, text):
 
 
 @settings(max_examples=300, **SETTINGS)
-@given(st.one_of(st.binary(max_size=300),
-                 mutated().map(lambda t: t.encode()).flatmap(
-                     lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff\xfe" + b[i:]))))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        mutated()
+        .map(lambda t: t.encode())
+        .flatmap(lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff\xfe" + b[i:])),
+    )
+)
 def test_random_bytes_from_a_file_give_a_config_or_one_located_error(parser, raw):
     judge(parser, raw=raw)
 
 
 def test_the_fuzz_found_these(parser):
     """Inputs that once crashed the parser or slipped past it."""
-    for text in ("KILL=\"k\"\nACTION=\"a\",\"/bin/true\"\nMAX_BAD_CONNS=" + "9" * 5000,
-                 "KILL=\"k\"\nACTION=\"a\",\"/bin/true\"\nDEFAULT_UID=" + "9" * 5000,
-                 "KILL=\"k\"\nACTION=\"a\",\"/bin/true\"," + "7" * 4400 + "\n"):
+    for text in (
+        'KILL="k"\nACTION="a","/bin/true"\nMAX_BAD_CONNS=' + "9" * 5000,
+        'KILL="k"\nACTION="a","/bin/true"\nDEFAULT_UID=' + "9" * 5000,
+        'KILL="k"\nACTION="a","/bin/true",' + "7" * 4400 + "\n",
+    ):
         assert isinstance(judge(parser, text), ConfigError)
     for bad_id in ("4294967295", "4294967296", str(2**64)):
-        for line in (f"DEFAULT_UID={bad_id}", f"DEFAULT_GID={bad_id}",
-                     f'ACTION="b","/bin/true",{bad_id}', f'ACTION="b","/bin/true",1,{bad_id}'):
+        for line in (
+            f"DEFAULT_UID={bad_id}",
+            f"DEFAULT_GID={bad_id}",
+            f'ACTION="b","/bin/true",{bad_id}',
+            f'ACTION="b","/bin/true",1,{bad_id}',
+        ):
             err = judge(parser, f'KILL="k"\nACTION="a","/bin/true"\n{line}\n')
             assert isinstance(err, ConfigError) and str(err).startswith(f"{NAME}:3: "), line
     err = judge(parser, raw=b'KILL="k"\nACTION="a","/bin/true"\n# caf\xe9\n')
@@ -227,13 +310,19 @@ def test_the_fuzz_found_these(parser):
 
 # -- the real program ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def REAL(tally) -> dict:
     """Runs of the real program; at the end of the session: some ran, none crashed."""
-    return tally.section("config files", runs=0, crashes=0,
-                         render=lambda t: f"config files through ostiary-handle: {t['runs']} runs, "
-                         f"{t['crashes']} crashes",
-                         check=lambda t: t["runs"] > 0 and t["crashes"] == 0)
+    return tally.section(
+        "config files",
+        runs=0,
+        crashes=0,
+        render=lambda t: (
+            f"config files through ostiary-handle: {t['runs']} runs, {t['crashes']} crashes"
+        ),
+        check=lambda t: t["runs"] > 0 and t["crashes"] == 0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -247,29 +336,33 @@ def scratch():
 @settings(max_examples=40, **SETTINGS)
 @given(text=st.one_of(mutated(), grammar), check=st.sampled_from((False, False, True)))
 def test_the_handler_logs_one_fatal_line_for_a_bad_config_and_sends_nothing(
-        scratch, parser, REAL, tally, text, check):
+    scratch, parser, REAL, tally, text, check
+):
     TOTALS = tally.totals
     REAL["runs"] += 1
     cfg = scratch / NAME
     for p in (scratch / "state").iterdir():  # a fresh store: no lockout from earlier runs
         p.unlink()
     # Point any store at the scratch directory; run nothing (no right answer is ever sent).
-    cfg.write_text(re.sub(r"(?m)^LOCKOUT_ACTION=.*$", "", text)
-                   + f"\nLOCKOUT_DB={scratch}/state/lockout.cdb\n")
+    cfg.write_text(
+        re.sub(r"(?m)^LOCKOUT_ACTION=.*$", "", text) + f"\nLOCKOUT_DB={scratch}/state/lockout.cdb\n"
+    )
     with open(cfg, newline="") as f:  # as the handler reads it: a CR stays a CR
         expected = judge(parser, f.read(), total=False, name=str(cfg))  # counted below, as a run
     argv = [project_tool("ostiary-handle"), "-c", str(cfg)]
     env = {"PATH": os.environ["PATH"], "TCPREMOTEIP": "127.0.0.1"}
     if check:
-        proc = subprocess.run([*argv, "--check"], stdin=subprocess.DEVNULL, capture_output=True,
-                              env=env, timeout=20)
+        proc = subprocess.run(
+            [*argv, "--check"], stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=20
+        )
         got = b""
     else:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             ours.shutdown(socket.SHUT_WR)  # a client that hangs up at once: no waiting
-            proc = subprocess.run(argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE,
-                                  env=env, timeout=20)
+            proc = subprocess.run(
+                argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE, env=env, timeout=20
+            )
             theirs.close()
             ours.settimeout(5)
             got = read_to_eof(ours)
@@ -286,4 +379,3 @@ def test_the_handler_logs_one_fatal_line_for_a_bad_config_and_sends_nothing(
         assert got == b""
     elif not check:
         assert proc.returncode == 0 and len(got) == SALT_LEN, err
-

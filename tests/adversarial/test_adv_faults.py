@@ -5,6 +5,7 @@ salt source, an operator's lock made while a knock is in flight and a
 handler stuck until its alarm; the operator's tool against a compaction that
 cannot be written.
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,19 +17,21 @@ import sys
 import time
 
 import pytest
-
 from conftest import IN_CI, project_tool
-from kit.site import KILL, OPEN, Rig
-from kit.wire import response, SALT_LEN, tcp_pair
 from kit.procs import wait_for
+from kit.site import KILL, OPEN, Rig
+from kit.wire import SALT_LEN, response, tcp_pair
+
 from ostiary_ucspi import store as storemod
-from ostiary_ucspi.admin.lockout import PROG, main as lockout_main
+from ostiary_ucspi.admin.lockout import PROG
+from ostiary_ucspi.admin.lockout import main as lockout_main
 from ostiary_ucspi.policy import Entry, charge, lock, refusal, succeed
 from ostiary_ucspi.store import Lock, Store, StoreError
 
 
 def test_a_refund_only_undoes_its_own_charge(tmp_path):
     from test_store import config
+
     store = Store(str(tmp_path / "lockout.cdb"))
     cfg = config()
     assert charge(store, b"192.0.2.1", cfg, 100) == (None, None)
@@ -71,13 +74,20 @@ def test_the_alarm_logs_one_line_before_the_handler_dies(rig: Rig):
 def test_a_salt_we_cannot_make_charges_nothing(rig: Rig):
     client, server = tcp_pair()
     tool = project_tool("ostiary-handle")
-    prelude = ("import runpy, ostiary_ucspi.protocol as p; "
-               "p.new_salt = lambda: open('/nonexistent/urandom', 'rb'); "
-               f"runpy.run_path({tool!r}, run_name='__main__')")
+    prelude = (
+        "import runpy, ostiary_ucspi.protocol as p; "
+        "p.new_salt = lambda: open('/nonexistent/urandom', 'rb'); "
+        f"runpy.run_path({tool!r}, run_name='__main__')"
+    )
     with open(rig.log, "ab") as log:
-        proc = subprocess.run([sys.executable, "-c", prelude, "-c", str(rig.cfg)], stdin=server,
-                              stdout=server, stderr=log, env=rig.env({"TCPREMOTEIP": "127.0.0.1"}),
-                              timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-c", prelude, "-c", str(rig.cfg)],
+            stdin=server,
+            stdout=server,
+            stderr=log,
+            env=rig.env({"TCPREMOTEIP": "127.0.0.1"}),
+            timeout=30,
+        )
     server.close()
     client.settimeout(5)
     assert client.recv(64) == b"" and proc.returncode == 111
@@ -87,9 +97,11 @@ def test_a_salt_we_cannot_make_charges_nothing(rig: Rig):
     assert rig.entry().strikes == 0 and rig.entry().errors == 0
 
 
-def test_unlock_says_it_took_effect_when_only_the_compaction_after_it_failed(tmp_path, capsys,
-                                                                         monkeypatch):
+def test_unlock_says_it_took_effect_when_only_the_compaction_after_it_failed(
+    tmp_path, capsys, monkeypatch
+):
     from test_lockoutctl import Rig as ToolRig
+
     r = ToolRig(tmp_path)
     r.fails("192.0.2.7", 3)
     monkeypatch.setattr(storemod, "MIN_JOURNAL", 64)
@@ -97,12 +109,16 @@ def test_unlock_says_it_took_effect_when_only_the_compaction_after_it_failed(tmp
 
     def no_room(fd):  # the journal's append syncs with fdatasync, a compaction with fsync
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(os, "fsync", no_room)
     assert lockout_main([PROG, "-c", r.cfg_path, "unlock", "192.0.2.7"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("192.0.2.7: unlocked")
-    assert err.startswith(f"{PROG}: warning: the unlock above took effect, but compacting") \
-        and "No space left on device" in err and err.count("\n") == 1
+    assert (
+        err.startswith(f"{PROG}: warning: the unlock above took effect, but compacting")
+        and "No space left on device" in err
+        and err.count("\n") == 1
+    )
     assert r.store.view().get(b"192.0.2.7") is None  # the unlock stands
     assert not [n for n in os.listdir(r.state) if ".tmp." in n]
 
@@ -117,7 +133,9 @@ def test_a_failed_compaction_leaves_the_store_serving(tmp_path, monkeypatch):
             tx.put(b"192.0.2.%d" % i, b"1 1 0 1")
     assert store.due  # the write did not compact by itself
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
     with pytest.raises(StoreError, match="unable to write"):
         store.compact_due()
     monkeypatch.setattr(os, "fsync", real)
@@ -132,8 +150,10 @@ def full_disk(rig: Rig):
         if IN_CI:
             pytest.fail("CI runs as root")
         pytest.skip("needs root to mount a tmpfs")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=700", "tmpfs", str(rig.state)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=700", "tmpfs", str(rig.state)], check=True
+    )
+
     def fill() -> None:
         fd = os.open(rig.state / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -143,6 +163,7 @@ def full_disk(rig: Rig):
             assert e.errno == errno.ENOSPC
         finally:
             os.close(fd)
+
     try:
         yield fill
     finally:
@@ -161,14 +182,17 @@ def test_a_kill_on_a_full_disk_keeps_the_service_refusing_under_inetd(rig: Rig, 
             tx.put(b"!pad", b"x" * (-(size + 15) % 4096 or 4096))
         full_disk()
         return response(KILL, salt)
+
     assert len(h.talk(answer=fill_then_kill)) == SALT_LEN
     assert h.wait() == 111
     assert "No space left on device" in rig.syslog.read_text()
     os.unlink(rig.state / "filler")  # room again: still nobody gets a salt
     got, code = rig.handle(OPEN, inetd=True, fake_syslog=True)
     assert (got, code) == (b"", 0)
-    assert "closed at once: service stopped: KILL proven while the store could not" \
+    assert (
+        "closed at once: service stopped: KILL proven while the store could not"
         in rig.syslog.read_text()
+    )
     assert rig.runs("open") == []
     assert lockout_main([PROG, "-c", str(rig.cfg), "revive"]) == 0
     assert len(rig.handle(OPEN)[0]) == SALT_LEN

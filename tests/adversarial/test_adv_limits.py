@@ -6,6 +6,7 @@ relay a victim's knock so the action runs for the attacker's address. Both
 tests succeed when the attack succeeds: they document what the protocol
 cannot prevent, and fail if that ever changes (so SECURITY.md gets updated).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,7 +15,6 @@ import threading
 import time
 
 import pytest
-
 from kit.procs import wait_for
 from kit.servers import Server
 from kit.site import SECRETS, Site
@@ -39,8 +39,10 @@ class Relay:
     def _serve(self) -> None:
         victim, _ = self.listener.accept()
         upstream = connect(self.server_port, self.source)
-        pumps = [threading.Thread(target=self._pump, args=(a, b, d))
-                 for a, b, d in ((upstream, victim, "to client"), (victim, upstream, "to server"))]
+        pumps = [
+            threading.Thread(target=self._pump, args=(a, b, d))
+            for a, b, d in ((upstream, victim, "to client"), (victim, upstream, "to server"))
+        ]
         for p in pumps:
             p.start()
         for p in pumps:
@@ -105,11 +107,22 @@ def test_a_captured_exchange_lets_an_attacker_guess_a_weak_passphrase_offline(si
     salt, answer = relay.seen["to client"], relay.seen["to server"]
     assert len(salt) == SALT_LEN and len(answer) == SALT_LEN
     # A tiny dictionary attack: words, then words with a year; no contact with the server.
-    words = [b"password", b"letmein", b"ostiary", b"spring", b"summer", b"autumn", b"winter", b"dragon"]
+    words = [
+        b"password",
+        b"letmein",
+        b"ostiary",
+        b"spring",
+        b"summer",
+        b"autumn",
+        b"winter",
+        b"dragon",
+    ]
     t0 = time.monotonic()
     found = None
-    for n, guess in enumerate(w + y for w, y in itertools.product(
-            words, [b""] + [str(y).encode() for y in range(1950, 2051)])):
+    for n, guess in enumerate(
+        w + y
+        for w, y in itertools.product(words, [b""] + [str(y).encode() for y in range(1950, 2051)])
+    ):
         if response(guess, salt) == answer:
             found = guess
             break

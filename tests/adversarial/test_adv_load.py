@@ -9,6 +9,7 @@ client got anything but a salt, the server has no zombie children and no more
 descriptors than before, no handler is left COMM_TIMEOUT + DELAY + 2 seconds
 after the last client, and the store reads back consistent.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,13 +21,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from adversarial.adv_tally import figure
 from kit.procs import descriptors, handlers_alive, wait_for, wait_quiet, zombies
 from kit.servers import TRACEBACK, Server
 from kit.site import SECRETS, Site
 from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
 
+from adversarial.adv_tally import figure
 from ostiary_ucspi.policy import ERRORS, Entry
 
 COMM_TIMEOUT, DELAY, MAX_BAD = 1, 0, 3
@@ -63,7 +63,7 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
             elif kind == "slow":  # the right answer, far too slowly: cut at COMM_TIMEOUT
                 answer = response(SECRETS["open"], salt)
                 for i in range(SALT_LEN):
-                    sock.sendall(answer[i:i + 1])
+                    sock.sendall(answer[i : i + 1])
                     time.sleep(0.25)
             if kind != "silent":
                 sock.shutdown(socket.SHUT_WR)
@@ -78,8 +78,12 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
 @pytest.mark.parametrize("kind", ["tcpserver", "ostiary-tcpserver"])
 def test_five_hundred_mixed_connections(kind, pytestconfig, tally):
     site = Site()
-    site.config(COMM_TIMEOUT=str(COMM_TIMEOUT), DELAY=str(DELAY), MAX_BAD_CONNS=str(MAX_BAD),
-                MIN_LOGLEVEL="LOG_NOTICE")
+    site.config(
+        COMM_TIMEOUT=str(COMM_TIMEOUT),
+        DELAY=str(DELAY),
+        MAX_BAD_CONNS=str(MAX_BAD),
+        MIN_LOGLEVEL="LOG_NOTICE",
+    )
     clients = plan(seed=500)
     assert len(clients) == 500
     try:
@@ -95,16 +99,22 @@ def test_five_hundred_mixed_connections(kind, pytestconfig, tally):
             t_clients = time.monotonic()
 
             # No handler outlives its deadline (detached action runners are not handlers).
-            wait_for(lambda: not handlers_alive(site.cfg)[0], COMM_TIMEOUT + DELAY + 2,
-                     "every handler to exit")
+            wait_for(
+                lambda: not handlers_alive(site.cfg)[0],
+                COMM_TIMEOUT + DELAY + 2,
+                "every handler to exit",
+            )
             # A child that just exited is a zombie until the server reaps it: give it a moment.
             wait_for(lambda: zombies(srv.proc.pid) == [], 2, "the server to reap every handler")
             fds_after = descriptors(srv.proc.pid)
             leaked = sorted(set(fds_after) ^ set(fds_before))
             assert leaked == [], leaked
             valid = [(ip, a) for k, ip, a in clients if k == "valid"]
-            wait_for(lambda: sum(len(site.runs(a)) for a in SECRETS) >= len(valid), 30,
-                     "every valid client's action")
+            wait_for(
+                lambda: sum(len(site.runs(a)) for a in SECRETS) >= len(valid),
+                30,
+                "every valid client's action",
+            )
             wait_for(lambda: len(site.runs("lockout")) >= HAMMERS, 10, "the lockout actions")
             wait_quiet(site.cfg)
             elapsed = t_clients - t0
@@ -156,8 +166,11 @@ def test_five_hundred_mixed_connections(kind, pytestconfig, tally):
     if kind == "tcpserver":
         assert len(ends) == 501 and all(x.endswith(" status 0") for x in ends)
     mix = ", ".join(f"{n} {k}" for k, n in MIX.items())
-    figure(pytestconfig, f"load via {kind}: {len(clients)} connections ({mix}, "
-           f"{HAMMERS * HAMMER_TRIES} from {HAMMERS} hammering addresses) in {elapsed:.1f}s, "
-           f"50 at a time: {ran_total} actions ran once each, {charged} failures charged, "
-           f"{len(site_runs['lockout'])} lockouts, 0 zombies, {len(leaked)} leaked descriptors, "
-           f"{len(crashed)} crashes, {false_positives} false positives")
+    figure(
+        pytestconfig,
+        f"load via {kind}: {len(clients)} connections ({mix}, "
+        f"{HAMMERS * HAMMER_TRIES} from {HAMMERS} hammering addresses) in {elapsed:.1f}s, "
+        f"50 at a time: {ran_total} actions ran once each, {charged} failures charged, "
+        f"{len(site_runs['lockout'])} lockouts, 0 zombies, {len(leaked)} leaked descriptors, "
+        f"{len(crashed)} crashes, {false_positives} false positives",
+    )

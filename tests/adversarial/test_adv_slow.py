@@ -3,6 +3,7 @@
 Through real ``tcpserver -HRl0`` with COMM_TIMEOUT=2 and DELAY=1, so the
 deadline (one for the whole exchange) and the pause after it are both in play.
 """
+
 from __future__ import annotations
 
 import select
@@ -11,12 +12,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from adversarial.adv_tally import figure
 from kit.procs import wait_for, wait_quiet
 from kit.servers import Server
 from kit.site import SECRETS, Site
 from kit.wire import SALT_LEN, Addresses, connect, read_to_eof, recv_exact, response
+
+from adversarial.adv_tally import figure
 from ostiary_ucspi.policy import Entry
 
 COMM_TIMEOUT, DELAY = 2, 1
@@ -55,12 +56,12 @@ def test_a_one_byte_per_second_drip_is_cut_at_comm_timeout(site, server, pytestc
     sock.settimeout(1.0)
     while time.monotonic() - t_salt < COMM_TIMEOUT + 3:
         try:
-            sock.send(answer[sent:sent + 1])
+            sock.send(answer[sent : sent + 1])
             sent += 1
             if sock.recv(1) == b"":  # waits up to a second for the server to hang up
                 closed_at = time.monotonic()
                 break
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (BrokenPipeError, ConnectionResetError):
             closed_at = time.monotonic()
@@ -78,8 +79,11 @@ def test_a_one_byte_per_second_drip_is_cut_at_comm_timeout(site, server, pytestc
     assert strikes(site, ip) == (1, 0)
     wait_quiet(site.cfg)
     assert ip not in [r[1] for r in site.runs("open")]
-    figure(pytestconfig, f"drip: cut after {cut:.2f}s and {sent} bytes (COMM_TIMEOUT {COMM_TIMEOUT}s), "
-           f"handler gone after {ended - t0:.2f}s (bound {BOUND}s)")
+    figure(
+        pytestconfig,
+        f"drip: cut after {cut:.2f}s and {sent} bytes (COMM_TIMEOUT {COMM_TIMEOUT}s), "
+        f"handler gone after {ended - t0:.2f}s (bound {BOUND}s)",
+    )
 
 
 def test_a_client_that_never_reads_does_not_block_the_handler(site, server):
@@ -88,7 +92,9 @@ def test_a_client_that_never_reads_does_not_block_the_handler(site, server):
     socks = []
     for ip in (silent, blurter):
         s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the smallest window the kernel allows
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 1
+        )  # the smallest window the kernel allows
         s.bind((ip, 0))
         s.connect(("127.0.0.1", server.port))
         socks.append(s)

@@ -10,6 +10,7 @@ each does (it may well refuse), the victims outside the directory are
 untouched: same bytes, owner and mode, and no file appears at a dangling
 link's target. The config, being nobody's, cannot send root elsewhere either.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,18 +18,29 @@ import stat
 from pathlib import Path
 
 import pytest
+from kit.site import OPEN, Rig
 
-from kit.site import KILL, OPEN, Rig
-from ostiary_ucspi.admin.lockout import PROG, main as lockout_main
+from ostiary_ucspi.admin.lockout import PROG
+from ostiary_ucspi.admin.lockout import main as lockout_main
 from ostiary_ucspi.policy import Entry, stop
 from ostiary_ucspi.store import Store
 
 NOBODY = 65534
-NAMES = ("lockout.cdb", "lockout.cdb.journal", "lockout.cdb.lock", "lockout.cdb.tmp",
-         "lockout.cdb.journal.tmp")
+NAMES = (
+    "lockout.cdb",
+    "lockout.cdb.journal",
+    "lockout.cdb.lock",
+    "lockout.cdb.tmp",
+    "lockout.cdb.journal.tmp",
+)
 TRICKS = ("symlink", "dangling symlink", "hard link", "fifo", "directory")
-TOOL = {"lock": ["lock", "198.51.100.9"], "unlock": ["unlock", "192.0.2.7"], "prune": ["prune"],
-        "revive": ["revive"], "reset": ["reset", "--force"]}
+TOOL = {
+    "lock": ["lock", "198.51.100.9"],
+    "unlock": ["unlock", "192.0.2.7"],
+    "prune": ["prune"],
+    "revive": ["revive"],
+    "reset": ["reset", "--force"],
+}
 PROGRAMS = (*TOOL, "handler, wrong answer", "handler, right answer")
 SECRET = b"root's own file\n"
 
@@ -95,6 +107,7 @@ def plant(rig: Rig, victims: Victims, name: str, trick: str) -> None:
     def clear() -> None:
         if target.exists() or target.is_symlink():
             target.unlink()
+
     as_nobody(clear)
     if trick == "hard link":  # nobody cannot make this one where fs.protected_hardlinks=1
         os.link(victims.file, target)
@@ -109,6 +122,7 @@ def plant(rig: Rig, victims: Victims, name: str, trick: str) -> None:
             os.mkfifo(target, 0o600)
         else:
             os.mkdir(target, 0o700)
+
     as_nobody(make)
 
 
@@ -126,8 +140,9 @@ def run_program(rig: Rig, program: str, capsys) -> None:
 @pytest.mark.parametrize("program", PROGRAMS)
 @pytest.mark.parametrize("trick", TRICKS)
 @pytest.mark.parametrize("name", NAMES)
-def test_nothing_planted_in_the_state_directory_reaches_roots_files(rig, capsys, program, trick,
-                                                                     name):
+def test_nothing_planted_in_the_state_directory_reaches_roots_files(
+    rig, capsys, program, trick, name
+):
     victims = Victims(rig.root)
     seed(rig, stopped=program == "revive")
     nobodys(rig)
@@ -169,8 +184,10 @@ def test_root_refuses_a_state_directory_others_may_write(rig, capsys):
     seed(rig, stopped=False)
     os.chmod(rig.state, 0o777)
     assert lockout_main([PROG, "-c", str(rig.cfg), "lock", "198.51.100.9"]) == 111
-    assert f"state directory {rig.state}: root will not work in it: others than its owner " \
-           f"may write it (mode 777): chmod go-w {rig.state}" in capsys.readouterr().err
+    assert (
+        f"state directory {rig.state}: root will not work in it: others than its owner "
+        f"may write it (mode 777): chmod go-w {rig.state}" in capsys.readouterr().err
+    )
     got, code = rig.handle(OPEN)
     assert (got, code) == (b"", 111)
     assert rig.runs("open") == []

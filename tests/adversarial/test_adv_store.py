@@ -8,6 +8,7 @@ operator's tool, ``ostiary-lockout list``, exits 111 and says on one line which
 file is wrong and how. Random damage (hypothesis) never yields a traceback, a
 hang, or an action for a wrong answer.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,15 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import IN_CI, project_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import IN_CI, project_tool
 from kit.damage import BROKEN_FILES as DAMAGE
 from kit.procs import wait_quiet
 from kit.servers import TRACEBACK
 from kit.site import SECRETS, Site
 from kit.wire import SALT_LEN, read_to_eof, response
+
 from ostiary_ucspi.policy import ERRORS, Entry
 from ostiary_ucspi.store import Store
 
@@ -54,10 +55,18 @@ def journal(site: Site) -> Path:
 def counting(site: Site, tally) -> Site:
     """Give ``site`` this module's figures (``site.TALLY``) and the run's totals (``site.TOTALS``)."""
     site.TALLY = tally.section(
-        "store damage", cases=0, **{"handler runs": 0, "tool runs": 0}, crashes=0, salts=0, refused=0,
-        render=lambda t: f"store damage: {t['cases']} damaged stores ({t['refused']} of 40 "
-        f"random ones refused, the rest harmless), {t['handler runs']} handler runs, "
-        f"{t['tool runs']} tool runs, {t['crashes']} crashes")
+        "store damage",
+        cases=0,
+        **{"handler runs": 0, "tool runs": 0},
+        crashes=0,
+        salts=0,
+        refused=0,
+        render=lambda t: (
+            f"store damage: {t['cases']} damaged stores ({t['refused']} of 40 "
+            f"random ones refused, the rest harmless), {t['handler runs']} handler runs, "
+            f"{t['tool runs']} tool runs, {t['crashes']} crashes"
+        ),
+    )
     site.TOTALS = tally.totals
     return site
 
@@ -86,8 +95,13 @@ sys.exit(m.main(sys.argv))
 
 def command(module: str, user: int | None, *args: str) -> list[str]:
     """Run ``ostiary_ucspi.module.main`` as ``user`` (None: as we are)."""
-    return [sys.executable, "-c", AS_USER.format(module=module),
-            str(-1 if user is None else user), *args]
+    return [
+        sys.executable,
+        "-c",
+        AS_USER.format(module=module),
+        str(-1 if user is None else user),
+        *args,
+    ]
 
 
 def handle(site: Site, user: int | None = None) -> tuple[bytes, int, list[str], float]:
@@ -101,10 +115,18 @@ def handle(site: Site, user: int | None = None) -> tuple[bytes, int, list[str], 
     ours, theirs = socket.socketpair()
     t0 = time.monotonic()
     with ours, theirs:
-        argv = ([project_tool("ostiary-handle"), "-c", str(site.cfg)] if user is None
-                else command("handle", user, "-c", str(site.cfg)))
-        proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE,
-                                env={"PATH": os.environ["PATH"], "TCPREMOTEIP": "127.0.0.1"})
+        argv = (
+            [project_tool("ostiary-handle"), "-c", str(site.cfg)]
+            if user is None
+            else command("handle", user, "-c", str(site.cfg))
+        )
+        proc = subprocess.Popen(
+            argv,
+            stdin=theirs,
+            stdout=theirs,
+            stderr=subprocess.PIPE,
+            env={"PATH": os.environ["PATH"], "TCPREMOTEIP": "127.0.0.1"},
+        )
         theirs.close()
         ours.settimeout(5)
         got = b""
@@ -119,7 +141,7 @@ def handle(site: Site, user: int | None = None) -> tuple[bytes, int, list[str], 
                 ours.sendall(response(SECRETS["open"], got))
             ours.shutdown(socket.SHUT_WR)
             got += read_to_eof(ours)
-        except (socket.timeout, OSError):
+        except (TimeoutError, OSError):
             pass
         try:
             _, err = proc.communicate(timeout=5)
@@ -140,10 +162,14 @@ def tool(site: Site, user: int | None = None) -> subprocess.CompletedProcess:
     """``ostiary-lockout -c CFG list`` (as ``user``)."""
     TALLY, TOTALS = site.TALLY, site.TOTALS
     TALLY["tool runs"] += 1
-    argv = ([project_tool("ostiary-lockout"), "-c", str(site.cfg), "list"] if user is None
-            else command("admin.lockout", user, "-c", str(site.cfg), "list"))
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                          env={"PATH": os.environ["PATH"]})
+    argv = (
+        [project_tool("ostiary-lockout"), "-c", str(site.cfg), "list"]
+        if user is None
+        else command("admin.lockout", user, "-c", str(site.cfg), "list")
+    )
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]}
+    )
     if "Traceback" in proc.stderr:
         TALLY["crashes"] += 1
         TOTALS["crashes"] += 1
@@ -238,10 +264,16 @@ def test_an_unwritable_state_directory_fails_closed(nobody_site):
 
 # -- random damage ------------------------------------------------------------------
 
-edits = st.lists(st.tuples(st.sampled_from(("cdb", "journal")),
-                           st.sampled_from(("flip", "truncate", "garbage", "append", "zero")),
-                           st.integers(0, 1 << 16), st.binary(min_size=1, max_size=64)),
-                 min_size=1, max_size=3)
+edits = st.lists(
+    st.tuples(
+        st.sampled_from(("cdb", "journal")),
+        st.sampled_from(("flip", "truncate", "garbage", "append", "zero")),
+        st.integers(0, 1 << 16),
+        st.binary(min_size=1, max_size=64),
+    ),
+    min_size=1,
+    max_size=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +284,13 @@ def fuzz_site(tally):
     s.remove()
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(edits)
 def test_random_store_damage_never_crashes_or_fails_open(fuzz_site, edits):
     """Random damage: the handler fails closed or still works; never a traceback or a hang."""
@@ -270,7 +307,7 @@ def test_random_store_damage_never_crashes_or_fails_open(fuzz_site, edits):
         elif op == "truncate":
             raw = raw[:i]
         elif op == "garbage":
-            raw[i:i + len(data)] = data
+            raw[i : i + len(data)] = data
         elif op == "append":
             raw += data
         elif op == "zero":
@@ -282,7 +319,9 @@ def test_random_store_damage_never_crashes_or_fails_open(fuzz_site, edits):
     if rc == 111:
         site.TALLY["refused"] += 1
         assert got == b""
-        bad = [x for x in lines if x.startswith(("ostiary-handle: alert: ", "ostiary-handle: fatal: "))]
+        bad = [
+            x for x in lines if x.startswith(("ostiary-handle: alert: ", "ostiary-handle: fatal: "))
+        ]
         assert len(bad) == 1 and "lockout.cdb" in bad[0], lines
         proc = tool(site)
         assert proc.returncode == 111 and "Traceback" not in proc.stderr, proc.stderr
@@ -290,4 +329,3 @@ def test_random_store_damage_never_crashes_or_fails_open(fuzz_site, edits):
     else:
         assert rc == 0 and len(got) == SALT_LEN, lines  # damage the store's checks cannot see
     case(site)
-

@@ -6,6 +6,7 @@ hides a verdict and every log line, store record and action run names the
 connection it belongs to. The handler logs at LOG_DEBUG, so the test knows the
 salt it sent and the 32 bytes it judged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from adversarial.adv_tally import figure
 from kit.procs import wait_for, wait_quiet
 from kit.servers import TRACEBACK, Server
 from kit.site import ADV_KILL as KILL
 from kit.site import SECRETS, Site
 from kit.wire import SALT_LEN, Addresses, connect, read_to_eof, recv_exact, reset, response
+
+from adversarial.adv_tally import figure
 from ostiary_ucspi.policy import Entry
 
 ACTIONS = list(SECRETS)
@@ -52,14 +53,17 @@ def debug_line(server: Server, address: str) -> tuple[bytes, bytes]:
     assert len(lines) == 1, lines
     words = lines[0].split()
     salt = bytes.fromhex(words[words.index("salt") + 1])
-    rest = words[words.index("response") + 1:]
+    rest = words[words.index("response") + 1 :]
     return salt, bytes.fromhex(rest[0]) if rest else b""
 
 
 def started(server: Server, address: str) -> list[int]:
     """Numbers of the actions the handler started for ``address`` (1 = first ACTION)."""
-    return [int(x.split(" action ")[1].split()[0]) for x in server.handler_lines(address)
-            if " starting as uid " in x]
+    return [
+        int(x.split(" action ")[1].split()[0])
+        for x in server.handler_lines(address)
+        if " starting as uid " in x
+    ]
 
 
 def runs_for(site: Site, name: str, address: str) -> int:
@@ -86,8 +90,19 @@ class Raw:
         return self.data
 
 
-TWEAKS = ("exact", "exact+junk", "junk+exact", "flip", "short", "old salt", "wrong key",
-          "key prefix", "reflect", "plain hash", "kill key, flipped")
+TWEAKS = (
+    "exact",
+    "exact+junk",
+    "junk+exact",
+    "flip",
+    "short",
+    "old salt",
+    "wrong key",
+    "key prefix",
+    "reflect",
+    "plain hash",
+    "kill key, flipped",
+)
 # The rightful answers twice as often: both verdicts need plenty of examples.
 CHOICES = TWEAKS + ("exact", "exact+junk")
 
@@ -110,9 +125,10 @@ class Forged:
             "exact": right,
             "exact+junk": right + self.junk,
             "junk+exact": junk + right,
-            "flip": bytes(b ^ (1 << self.k % 8) if i == self.k // 8 % 32 else b
-                          for i, b in enumerate(right)),
-            "short": right[:self.k % 32],
+            "flip": bytes(
+                b ^ (1 << self.k % 8) if i == self.k // 8 % 32 else b for i, b in enumerate(right)
+            ),
+            "short": right[: self.k % 32],
             "old salt": response(secret, last_salt),
             "wrong key": response(secret + junk[:1], salt),
             "key prefix": response(secret[:-1], salt),
@@ -124,13 +140,18 @@ class Forged:
 
 payloads = st.one_of(
     st.builds(Raw, st.binary(max_size=200), st.booleans()),
-    st.builds(Forged, st.sampled_from(ACTIONS), st.sampled_from(CHOICES),
-              st.binary(max_size=SALT_LEN * 6 - SALT_LEN - 1),
-              st.one_of(st.sampled_from((0, 31, 248, 255)), st.integers(0, 255))),  # edges first
+    st.builds(
+        Forged,
+        st.sampled_from(ACTIONS),
+        st.sampled_from(CHOICES),
+        st.binary(max_size=SALT_LEN * 6 - SALT_LEN - 1),
+        st.one_of(st.sampled_from((0, 31, 248, 255)), st.integers(0, 255)),
+    ),  # edges first
 )
 # (chunk size, pause before it): mostly fast, sometimes past the deadline.
-paces = st.lists(st.tuples(st.integers(1, 64), st.sampled_from((0, 0, 0, 0.001, 0.01, 0.05, 0.4))),
-                 max_size=6)
+paces = st.lists(
+    st.tuples(st.integers(1, 64), st.sampled_from((0, 0, 0, 0.001, 0.01, 0.05, 0.4))), max_size=6
+)
 endings = st.sampled_from(("shut", "shut", "shut", "hold", "reset"))
 
 
@@ -156,8 +177,13 @@ def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytes
     expected: dict[str, list[str]] = {a: [] for a in ACTIONS}
     last_salt = [b"\0" * SALT_LEN]
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(payload=payloads, pace=paces, ending=endings)
     def prop(payload, pace, ending):
         seen["inputs"] += 1
@@ -167,11 +193,11 @@ def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytes
         port = sock.getsockname()[1]
         sent = b""
         if payload.early and payload.data:
-            sent = payload.data[:pace[0][0] if pace else len(payload.data)]
+            sent = payload.data[: pace[0][0] if pace else len(payload.data)]
             sock.sendall(sent)
         salt = recv_exact(sock, SALT_LEN)
         data = payload.stream(salt, last_salt[0])
-        send_paced(sock, data[len(sent):], pace)
+        send_paced(sock, data[len(sent) :], pace)
         if ending == "reset":
             sock.setblocking(False)
             try:
@@ -198,11 +224,13 @@ def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytes
         assert salt + rest == salt and len(salt) == SALT_LEN  # the salt and nothing else
         logged_salt, judged = debug_line(server, ip)
         assert logged_salt == salt
-        assert judged == data[:len(judged)]  # the handler judged a prefix of what we sent
+        assert judged == data[: len(judged)]  # the handler judged a prefix of what we sent
         if sum(p for _, p in pace) < COMM_TIMEOUT / 2 and ending != "reset":
             assert judged == data[:SALT_LEN]
         runs = started(server, ip)
-        rightful = [i for i, a in enumerate(ACTIONS, 1) if data[:SALT_LEN] == response(SECRETS[a], salt)]
+        rightful = [
+            i for i, a in enumerate(ACTIONS, 1) if data[:SALT_LEN] == response(SECRETS[a], salt)
+        ]
         if not set(runs) <= set(rightful):
             seen["false positives"] += 1
         assert set(runs) <= set(rightful), (runs, rightful)
@@ -230,9 +258,12 @@ def test_any_byte_stream_runs_nothing_but_the_exact_response(site, server, pytes
         assert len({r[2] for r in got}) == len(got)
     assert site.runs("lockout") == []
     assert seen["runs"] > 0 and seen["runs"] < seen["inputs"]  # both verdicts were exercised
-    figure(pytestconfig, f"socket property: {seen['inputs']} inputs, {served} connections, "
-           f"{seen['runs']} rightful runs, {seen['false positives']} false positives, "
-           f"{seen['crashes']} crashes, longest handler {seen['longest']:.2f}s (bound {BOUND}s)")
+    figure(
+        pytestconfig,
+        f"socket property: {seen['inputs']} inputs, {served} connections, "
+        f"{seen['runs']} rightful runs, {seen['false positives']} false positives, "
+        f"{seen['crashes']} crashes, longest handler {seen['longest']:.2f}s (bound {BOUND}s)",
+    )
 
 
 # -- 7. replay and cross-connection -----------------------------------------------
@@ -273,7 +304,7 @@ def test_a_recorded_response_is_rejected_on_every_other_connection(site, server,
         results = list(pool.map(lambda a: knock(server, a[0], lambda s: a[1]), attempts))
     for salt, got in results:
         assert len(salt) == SALT_LEN and got == salt
-    for ip, _ in attempts[len(ACTIONS):] + [(early_ip, None)]:
+    for ip, _ in attempts[len(ACTIONS) :] + [(early_ip, None)]:
         e = entry(site, ip)
         assert (e.strikes, e.errors) == (1, 1), ip  # every replay is charged
     assert entry(site, victim).strikes == len(ACTIONS)
@@ -281,8 +312,10 @@ def test_a_recorded_response_is_rejected_on_every_other_connection(site, server,
     ours = [r[1] for name in ACTIONS for r in site.runs(name) if r[1].startswith("127.20.")]
     assert ours == [victim] * len(ACTIONS)  # the original runs only
     assert early_salt not in [s for s, _ in results]
-    figure(pytestconfig, f"replay: {len(attempts) + 1} replayed responses, "
-           f"{len(ours) - len(ACTIONS)} accepted")
+    figure(
+        pytestconfig,
+        f"replay: {len(attempts) + 1} replayed responses, {len(ours) - len(ACTIONS)} accepted",
+    )
 
 
 def test_a_response_for_one_action_never_triggers_another(site, server):
@@ -303,7 +336,9 @@ def test_a_locked_address_gets_no_salt_even_with_the_right_answer(site, server):
     """Many wrong answers at once from one address: MAX_BAD_CONNS salts, one lock, one LOCKOUT_ACTION."""
     ip, bystander = Addresses(40)(), Addresses(41)()
     with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(lambda _: knock(server, ip, lambda s: b"\x5a" * SALT_LEN), range(20)))
+        results = list(
+            pool.map(lambda _: knock(server, ip, lambda s: b"\x5a" * SALT_LEN), range(20))
+        )
     salts = [got for _, got in results if got]
     assert len(salts) == 3 and all(len(s) == SALT_LEN for s in salts)
     wait_for(lambda: runs_for(site, "lockout", ip), 10, "the lockout action")
@@ -316,4 +351,3 @@ def test_a_locked_address_gets_no_salt_even_with_the_right_answer(site, server):
     wait_quiet(site.cfg)
     assert runs_for(site, "open", ip) == 0
     assert runs_for(site, "lockout", ip) == 1
-

@@ -4,11 +4,12 @@ Every entry takes the snapshot's path (``.../lockout.cdb``, str or Path); the
 journal is that path plus ``.journal``. Each catalogue documents what the store
 must already hold for its damage to apply.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Damage = Callable[[Path], None]
 
@@ -56,8 +57,10 @@ REPORTED = {
     "100 bytes": (lambda p: os.truncate(p, 100), r"too short to be a CDB \(100 bytes\)"),
     "empty": (lambda p: open(p, "wb").close(), r"too short to be a CDB \(0 bytes\)"),
     "journal header": (lambda p: write_at(journal(p), 0, b"OSTIARY"), "bad journal header"),
-    "journal generation": (lambda p: journal(p).write_bytes(b"ostiary-journal 9\n"),
-                           "generation 9 does not match snapshot 1"),
+    "journal generation": (
+        lambda p: journal(p).write_bytes(b"ostiary-journal 9\n"),
+        "generation 9 does not match snapshot 1",
+    ),
     "journal checksum": (lambda p: write_at(journal(p), 16, b"9"), "checksum mismatch"),
     "snapshot missing": (lambda p: os.unlink(p), "missing, but its journal exists"),
 }
@@ -71,7 +74,8 @@ CORRUPTIONS: dict[str, Damage] = {
     "cdb garbage appended": lambda p: Path(p).write_bytes(Path(p).read_bytes() + b"garbage"),
     "cdb missing, journal kept": lambda p: Path(p).unlink(),
     "journal header garbage": lambda p: journal(p).write_bytes(
-        b"garbage\n" + journal(p).read_bytes().split(b"\n", 1)[1]),
+        b"garbage\n" + journal(p).read_bytes().split(b"\n", 1)[1]
+    ),
     "journal checksum, own line": lambda p: garble_line(journal(p), b"127.0.0.1", b""),
     "journal checksum, other line": lambda p: garble_line(journal(p), b"10.0.0.1", b""),
     "journal garbage line": lambda p: garble_line(journal(p), b"10.0.0.1", b"this is not a record"),
@@ -107,6 +111,7 @@ def damage_journal(db: str | Path) -> None:
 def damage_record(db: str | Path) -> None:
     """Write a well-formed journal record whose value is no lockout record."""
     from ostiary_ucspi.store import Store
+
     with Store(str(db)).lock() as tx:
         tx.put(b"192.0.2.8", b"not a record")
 

@@ -4,13 +4,15 @@
 ``ostiary-handle`` process (handler or detached action runner) of a config is
 left, so every action the test could have caused has finished.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -37,7 +39,7 @@ class Proc:
             stat = f.read()
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             self.cmdline = f.read().decode(errors="replace").split("\0")
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat[stat.rindex(b")") + 2 :].split()
         self.pid = pid
         self.state = fields[0].decode()
         self.ppid = int(fields[1])
@@ -82,24 +84,32 @@ def handlers_alive(cfg: Path) -> tuple[list[int], list[int]]:
     """
     handlers, runners = [], []
     for p in processes():
-        if (p.state != "Z" and str(cfg) in p.cmdline
-                and any("ostiary-handle" in a for a in p.cmdline[:3])):
+        if (
+            p.state != "Z"
+            and str(cfg) in p.cmdline
+            and any("ostiary-handle" in a for a in p.cmdline[:3])
+        ):
             (runners if p.sid == p.pid else handlers).append(p.pid)
     return handlers, runners
 
 
 def wait_quiet(cfg: Path, timeout: float = 15.0) -> None:
     """Wait until every handler and action runner of config ``cfg`` has exited."""
-    wait_for(lambda: handlers_alive(cfg) == ([], []), timeout,
-             f"every handler and action runner of {cfg} to exit")
+    wait_for(
+        lambda: handlers_alive(cfg) == ([], []),
+        timeout,
+        f"every handler and action runner of {cfg} to exit",
+    )
 
 
 def exec_done(pid: int, program: str, timeout: float = 10.0) -> None:
     """Wait until process ``pid`` runs ``program`` (its exec is over)."""
+
     def running() -> bool:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 return f.read().split(b"\0")[0].endswith(program.encode())
         except OSError:
             return False
+
     wait_for(running, timeout, f"process {pid} to exec {program}")

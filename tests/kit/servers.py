@@ -11,6 +11,7 @@
 
 :class:`Handler` is one ``ostiary-handle`` a test started by hand on one connection.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,8 @@ import time
 from typing import IO, Any
 
 import pytest
-
 from conftest import project_tool, require_tool
+
 from kit.procs import wait_for
 from kit.wire import knock, talk
 
@@ -39,8 +40,9 @@ def listen(argv: list[str], stderr: int | IO[Any], **popen_kw) -> tuple[subproce
     Fails the test, after stopping the server, if the first line on its stdout
     within 10 seconds is not a port number.
     """
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=stderr, **popen_kw)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, **popen_kw
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 10)
     first = proc.stdout.readline() if ready else b""
     if not first.strip().isdigit():
@@ -110,9 +112,16 @@ class Handler:
 class TcpServer:
     """``tcpserver -1 -v -HRl0 HOST 0 ostiary-handle -c CFG`` with its stderr in the rig's log."""
 
-    def __init__(self, rig, *args: str, limit: int = 40, backlog: int = 64,
-                 env: dict[str, str] | None = None, salt: bytes | None = None,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        rig,
+        *args: str,
+        limit: int = 40,
+        backlog: int = 64,
+        env: dict[str, str] | None = None,
+        salt: bytes | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.rig = rig
         self.args = args
         self.limit = limit
@@ -127,9 +136,22 @@ class TcpServer:
         tcpserver = require_tool("tcpserver")
         with open(self.rig.log, "ab") as log:
             self.proc, self.port = listen(
-                [tcpserver, "-1", "-v", "-HRl0", "-c", str(self.limit), "-b", str(self.backlog),
-                 self.host, "0", *self.rig.argv(*self.args, salt=self.salt)],
-                log, env=self.rig.env(self.extra))
+                [
+                    tcpserver,
+                    "-1",
+                    "-v",
+                    "-HRl0",
+                    "-c",
+                    str(self.limit),
+                    "-b",
+                    str(self.backlog),
+                    self.host,
+                    "0",
+                    *self.rig.argv(*self.args, salt=self.salt),
+                ],
+                log,
+                env=self.rig.env(self.extra),
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -153,8 +175,15 @@ class Server:
     it adds the connections it served and the crashes it saw when it stops.
     """
 
-    def __init__(self, site, kind: str = "tcpserver", limit: int = 40,
-                 backlog: int = 64, tally=None, **popen_kw) -> None:
+    def __init__(
+        self,
+        site,
+        kind: str = "tcpserver",
+        limit: int = 40,
+        backlog: int = 64,
+        tally=None,
+        **popen_kw,
+    ) -> None:
         """``popen_kw`` goes to subprocess.Popen (extra_groups=, user=, ...)."""
         self.site = site
         self.popen_kw = popen_kw
@@ -171,16 +200,34 @@ class Server:
 
     def command(self) -> list[str]:
         """The server's command line, listening on an ephemeral port of 127.0.0.1."""
-        prog = require_tool("tcpserver") if self.kind == "tcpserver" else project_tool("ostiary-tcpserver")
-        return [prog, "-1", "-v", "-HRl0", "-c", str(self.limit), "-b", str(self.backlog),
-                "127.0.0.1", "0", *self.site.handler_argv()]
+        prog = (
+            require_tool("tcpserver")
+            if self.kind == "tcpserver"
+            else project_tool("ostiary-tcpserver")
+        )
+        return [
+            prog,
+            "-1",
+            "-v",
+            "-HRl0",
+            "-c",
+            str(self.limit),
+            "-b",
+            str(self.backlog),
+            "127.0.0.1",
+            "0",
+            *self.site.handler_argv(),
+        ]
 
     def __enter__(self) -> Server:
         read, write = os.pipe()
         try:
-            self.proc, self.port = listen(self.command(), write,
-                                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                                          **self.popen_kw)
+            self.proc, self.port = listen(
+                self.command(),
+                write,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                **self.popen_kw,
+            )
         finally:
             os.close(write)
             self.stderr = os.fdopen(read, "rb")
@@ -205,7 +252,9 @@ class Server:
         for _, line in self.snapshot():
             end = END.match(line)
             self.tally.totals["connections"] += bool(end)
-            self.tally.totals["crashes"] += bool(end and end.group(1) != "0") + bool(TRACEBACK.search(line))
+            self.tally.totals["crashes"] += bool(end and end.group(1) != "0") + bool(
+                TRACEBACK.search(line)
+            )
 
     def snapshot(self) -> list[tuple[float, str]]:
         """A copy of the lines read so far."""
@@ -242,10 +291,12 @@ class Server:
 
     def wait_end(self, address: str, port: int, timeout: float = 10.0) -> tuple[int, float, int]:
         """Wait for the handler of ``address``:``port`` to end; return (pid, when, status)."""
+
         def ended():
             pid = self.handler_of(address, port)
             if pid is None:
                 return None
             end = self.ends().get(pid)
             return end and (pid, *end)
+
         return wait_for(ended, timeout, f"the handler of {address}:{port} to end")

@@ -16,6 +16,7 @@ Rig's recording actions (:meth:`Rig.action`) write, for their last run, ``NAME.a
 stderr, and append ``ADDRESS TIME`` to ``NAME.runs`` as their very last step (so a
 line there means the run is complete).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,12 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import project_tool
+
 from kit.procs import wait_for
 from kit.servers import Handler
 from kit.wire import tcp_pair
@@ -78,9 +79,17 @@ def syslog(priority, message):
 '''
 
 ADV_KILL = b"adv-kill-passphrase-0"
-SECRETS = {"open": b"adv-open-passphrase-1", "ssh": b"adv-ssh-passphrase-22",
-           "web": b"adv-web-passphrase-333"}
-ADV_DEFAULTS = {"DELAY": "0", "COMM_TIMEOUT": "1", "MAX_BAD_CONNS": "3", "MIN_LOGLEVEL": "LOG_DEBUG"}
+SECRETS = {
+    "open": b"adv-open-passphrase-1",
+    "ssh": b"adv-ssh-passphrase-22",
+    "web": b"adv-web-passphrase-333",
+}
+ADV_DEFAULTS = {
+    "DELAY": "0",
+    "COMM_TIMEOUT": "1",
+    "MAX_BAD_CONNS": "3",
+    "MIN_LOGLEVEL": "LOG_DEBUG",
+}
 LINE_RECORDER = """#!/bin/sh
 # Adversarial-suite action: one line per run, appended (O_APPEND) in one write.
 read -r token < /proc/sys/kernel/random/uuid
@@ -104,6 +113,7 @@ class Scratch:
     def view(self):
         """The lockout store as the handler sees it (None before the first write)."""
         from ostiary_ucspi.store import Store
+
         return Store(str(self.db)).view()
 
     store_view = view
@@ -111,6 +121,7 @@ class Scratch:
     def entry(self, key: bytes | str = b"127.0.0.1"):
         """The lockout record of ``key`` (zeros when absent)."""
         from ostiary_ucspi.policy import Entry
+
         view = self.view()
         key = key.encode() if isinstance(key, str) else key
         return Entry(None if view is None else view.get(key))
@@ -142,14 +153,24 @@ class Rig(Scratch):
     def action(self, name: str, *, code: int = 0, sleep: float = 0, mode: int = 0o755) -> str:
         """Write recording action ``name`` into ``bin``; return its path."""
         path = self.bin / name
-        path.write_text(RECORDER.format(out=self.out, name=name, code=code,
-                                        sleep=f"sleep {sleep}" if sleep else ""))
+        path.write_text(
+            RECORDER.format(
+                out=self.out, name=name, code=code, sleep=f"sleep {sleep}" if sleep else ""
+            )
+        )
         path.chmod(mode)
         return str(path)
 
-    def write_config(self, *lines: str, kill: bytes | None = KILL, open_action: bool = True,
-                     db: Path | None = None, path: Path | None = None, mode: int = 0o600,
-                     **settings: str | None) -> Path:
+    def write_config(
+        self,
+        *lines: str,
+        kill: bytes | None = KILL,
+        open_action: bool = True,
+        db: Path | None = None,
+        path: Path | None = None,
+        mode: int = 0o600,
+        **settings: str | None,
+    ) -> Path:
         """Write a config: KILL, the ``open`` ACTION, LOCKOUT_DB, DEFAULTS, then ``lines``.
 
         ``settings`` override DEFAULTS (None drops a key); ``kill=None`` and
@@ -201,8 +222,13 @@ class Rig(Scratch):
         keep = {k: os.environ[k] for k in ("PATH", "PYTHONPATH") if k in os.environ}
         return {"PATH": "/usr/bin:/bin", **keep, **(extra or {})}
 
-    def argv(self, *args: str, salt: bytes | None = None, fake_syslog: bool = False,
-             cfg: Path | None = None) -> list[str]:
+    def argv(
+        self,
+        *args: str,
+        salt: bytes | None = None,
+        fake_syslog: bool = False,
+        cfg: Path | None = None,
+    ) -> list[str]:
         """The handler's command line.
 
         ``salt`` makes it send that salt (for test vectors); ``fake_syslog``
@@ -215,19 +241,32 @@ class Rig(Scratch):
             return [tool, *cfg_args]
         prelude = ["import sys, runpy"]
         if salt is not None:
-            prelude += ["import ostiary_ucspi.protocol as p",
-                        f"p.new_salt = lambda: bytes.fromhex({salt.hex()!r})"]
+            prelude += [
+                "import ostiary_ucspi.protocol as p",
+                f"p.new_salt = lambda: bytes.fromhex({salt.hex()!r})",
+            ]
         if fake_syslog:
             (self.root / "fakesyslog.py").write_text(FAKE_SYSLOG.format(path=str(self.syslog)))
-            prelude += [f"sys.path.insert(0, {str(self.root)!r})",
-                        "import fakesyslog", "sys.modules['syslog'] = fakesyslog"]
+            prelude += [
+                f"sys.path.insert(0, {str(self.root)!r})",
+                "import fakesyslog",
+                "sys.modules['syslog'] = fakesyslog",
+            ]
         prelude.append(f"runpy.run_path({tool!r}, run_name='__main__')")
         return [sys.executable, "-c", "; ".join(prelude), *cfg_args]
 
-    def start(self, *args: str, remote_ip: str | None = "127.0.0.1", inetd: bool = False,
-              listen_host: str = "127.0.0.1", connect_host: str | None = None,
-              env: dict[str, str] | None = None, salt: bytes | None = None,
-              fake_syslog: bool = False, cfg: Path | None = None) -> Handler:
+    def start(
+        self,
+        *args: str,
+        remote_ip: str | None = "127.0.0.1",
+        inetd: bool = False,
+        listen_host: str = "127.0.0.1",
+        connect_host: str | None = None,
+        env: dict[str, str] | None = None,
+        salt: bytes | None = None,
+        fake_syslog: bool = False,
+        cfg: Path | None = None,
+    ) -> Handler:
         """Run the handler on a fresh TCP connection (ours is ``Handler.client``).
 
         Like tcpserver it gets the socket as fds 0 and 1 and ``TCPREMOTEIP``
@@ -241,14 +280,20 @@ class Rig(Scratch):
             extra.setdefault("TCPREMOTEIP", remote_ip)
         with open(self.log, "ab") as log:
             argv = self.argv(*args, salt=salt, fake_syslog=fake_syslog, cfg=cfg)
-            proc = subprocess.Popen(argv, stdin=server, stdout=server,
-                                    stderr=server if inetd else log, env=self.env(extra))
+            proc = subprocess.Popen(
+                argv,
+                stdin=server,
+                stdout=server,
+                stderr=server if inetd else log,
+                env=self.env(extra),
+            )
         server.close()
         self.procs.append(proc)
         return Handler(proc, client)
 
-    def handle(self, secret: bytes | None = None, *, talk_kw: dict | None = None,
-               **start_kw) -> tuple[bytes, int]:
+    def handle(
+        self, secret: bytes | None = None, *, talk_kw: dict | None = None, **start_kw
+    ) -> tuple[bytes, int]:
         """Start a handler, :func:`kit.wire.talk` to it; return (bytes received, exit status)."""
         h = self.start(**start_kw)
         got = h.talk(secret, **(talk_kw or {}))
@@ -256,15 +301,21 @@ class Rig(Scratch):
 
     def check(self, *args: str, cfg: Path | None = None) -> subprocess.CompletedProcess:
         """Run ``ostiary-handle --check``; return the completed process (text output)."""
-        return subprocess.run(self.argv("--check", *args, cfg=cfg), capture_output=True,
-                              text=True, env=self.env(), timeout=30)
+        return subprocess.run(
+            self.argv("--check", *args, cfg=cfg),
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=30,
+        )
 
     # -- looking --------------------------------------------------------------
 
     def lines(self, prog: str = "ostiary-handle") -> list[str]:
         """The log's lines written by ``prog`` (tcpserver's own are left out)."""
-        return [x for x in self.log.read_text(errors="replace").splitlines()
-                if x.startswith(prog + ":")]
+        return [
+            x for x in self.log.read_text(errors="replace").splitlines() if x.startswith(prog + ":")
+        ]
 
     def log_text(self) -> str:
         """The whole log."""
@@ -272,9 +323,11 @@ class Rig(Scratch):
 
     def wait_log(self, text: str, count: int = 1, timeout: float = 10.0) -> list[str]:
         """Wait until ``count`` handler log lines contain ``text``; return those lines."""
+
         def found():
             hits = [x for x in self.lines() if text in x]
             return hits if len(hits) >= count else None
+
         return wait_for(found, timeout, f"{count} log line(s) with {text!r}")
 
     def runs(self, name: str) -> list[str]:
@@ -284,8 +337,11 @@ class Rig(Scratch):
 
     def wait_runs(self, name: str, count: int = 1, timeout: float = 10.0) -> list[str]:
         """Wait until action ``name`` has completed ``count`` runs; return the addresses."""
-        return wait_for(lambda: len(self.runs(name)) >= count and self.runs(name),
-                        timeout, f"{count} run(s) of action {name}")
+        return wait_for(
+            lambda: len(self.runs(name)) >= count and self.runs(name),
+            timeout,
+            f"{count} run(s) of action {name}",
+        )
 
     def record(self, name: str) -> dict:
         """What action ``name`` recorded about its last run."""
@@ -385,13 +441,16 @@ class StoreRig:
     def __init__(self, tmp_path: Path, extra: str = "") -> None:
         from ostiary_ucspi.config import load
         from ostiary_ucspi.store import Store
+
         self.state = tmp_path / "state"
         self.state.mkdir()
         self.db = str(self.state / "lockout.cdb")
         self.cfg_path = str(tmp_path / "ostiary.cfg")
         with open(self.cfg_path, "w") as f:
-            f.write(f'KILL="kill-passphrase"\nACTION="open-passphrase","/bin/true"\n'
-                    f"LOCKOUT_DB={self.db}\n{extra}")
+            f.write(
+                f'KILL="kill-passphrase"\nACTION="open-passphrase","/bin/true"\n'
+                f"LOCKOUT_DB={self.db}\n{extra}"
+            )
         self.cfg = load(self.cfg_path)
         self.store = Store(self.db)
 
@@ -399,6 +458,7 @@ class StoreRig:
         """Make ``times`` failed attempts from ``ip`` as handlers do; return its key."""
         from ostiary_ucspi.address import key as address_key
         from ostiary_ucspi.policy import charge, fail
+
         key = address_key(ip, self.cfg.ipv6_prefix)
         for _ in range(times):
             charge(self.store, key, self.cfg, now)
@@ -409,4 +469,7 @@ class StoreRig:
         """Why a handler would refuse ``ip`` now (None: it would serve it)."""
         from ostiary_ucspi.address import key as address_key
         from ostiary_ucspi.policy import refusal
-        return refusal(self.store.view(), address_key(ip, self.cfg.ipv6_prefix), self.cfg.max_bad_conns)
+
+        return refusal(
+            self.store.view(), address_key(ip, self.cfg.ipv6_prefix), self.cfg.max_bad_conns
+        )

@@ -3,6 +3,7 @@
 A file holds blocks of ``name``, ``key``, ``msg`` and ``digest`` lines (``#`` starts a
 comment line); a value in double quotes is text, otherwise hex.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,14 @@ def load(name: str) -> list[Vector]:
             continue
         if not line.strip():
             if block:
-                out.append(Vector(block["name"], _value(block["key"]), _value(block["msg"]),
-                                  bytes.fromhex(block["digest"])))
+                out.append(
+                    Vector(
+                        block["name"],
+                        _value(block["key"]),
+                        _value(block["msg"]),
+                        bytes.fromhex(block["digest"]),
+                    )
+                )
                 block = {}
             continue
         field, _, value = line.partition(" ")

@@ -3,6 +3,7 @@
 :func:`response` is computed with the standard ``hmac`` module, independently
 of the code under test.
 """
+
 from __future__ import annotations
 
 import errno
@@ -10,7 +11,7 @@ import hashlib
 import hmac
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 SALT_LEN = 32
 
@@ -39,7 +40,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     while len(got) < n:
         try:
             chunk = sock.recv(n - len(got))
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return got
         if not chunk:
             return got
@@ -47,9 +48,15 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return got
 
 
-def talk(sock: socket.socket, secret: bytes | None = None, *, response_bytes: bytes | None = None,
-         answer: Callable[[bytes], bytes] | None = None, hold: bool = False,
-         timeout: float = 15.0) -> bytes:
+def talk(
+    sock: socket.socket,
+    secret: bytes | None = None,
+    *,
+    response_bytes: bytes | None = None,
+    answer: Callable[[bytes], bytes] | None = None,
+    hold: bool = False,
+    timeout: float = 15.0,
+) -> bytes:
     """Play the client on a connected socket; return every byte the server sent.
 
     Reads the salt (up to 32 bytes, or less if the server closes), then sends
@@ -84,18 +91,27 @@ def talk(sock: socket.socket, secret: bytes | None = None, *, response_bytes: by
     return got + read_to_eof(sock)
 
 
-def knock(port: int, secret: bytes | None = None, *, host: str = "127.0.0.1",
-          source: str | None = None, **kw) -> bytes:
+def knock(
+    port: int,
+    secret: bytes | None = None,
+    *,
+    host: str = "127.0.0.1",
+    source: str | None = None,
+    **kw,
+) -> bytes:
     """Connect to host:port (from ``source``, if given) and :func:`talk`; return what came back."""
     src = (source, 0) if source else None
-    with socket.create_connection((host, port), timeout=kw.get("timeout", 15.0),
-                                  source_address=src) as s:
+    with socket.create_connection(
+        (host, port), timeout=kw.get("timeout", 15.0), source_address=src
+    ) as s:
         return talk(s, secret, **kw)
 
 
 def connect(port: int, source: str, timeout: float = 15.0) -> socket.socket:
     """A TCP connection to 127.0.0.1:``port`` from address ``source`` (any of 127/8)."""
-    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+    return socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    )
 
 
 def reset(sock: socket.socket) -> None:
@@ -104,8 +120,9 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def tcp_pair(listen_host: str = "127.0.0.1", connect_host: str | None = None
-             ) -> tuple[socket.socket, socket.socket]:
+def tcp_pair(
+    listen_host: str = "127.0.0.1", connect_host: str | None = None
+) -> tuple[socket.socket, socket.socket]:
     """Return (client, server), the two ends of a real loopback TCP connection.
 
     ``listen_host`` "::" listens dual-stack, so an IPv4 ``connect_host`` gives the

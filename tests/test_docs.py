@@ -25,7 +25,7 @@ PROGRAMS = {
 MAN_PAGES = {**{name: "1" for name in PROGRAMS}, "ostiary.cfg": "5"}
 HEADINGS = ["Synopsis", "Interface", "Options", "Environment", "Files", "Exit codes", "Notes"]
 # tests/test_x.py::name or test_x.py::name, with an optional parametrised id
-CITATION = re.compile(r"((?:tests/)?test_\w+\.py)::(\w+)(?:\[[^\]\s]*\])?")
+CITATION = re.compile(r"((?:tests/(?:\w+/)*)?test_\w+\.py)::(\w+)(?:\[[^\]\s]*\])?")
 
 
 def docutils_or_skip():
@@ -147,7 +147,10 @@ def test_every_cited_test_exists() -> None:
     assert citations, "no test citations found: the pattern is wrong"
     missing = []
     for doc, file, name in citations:
-        path = ROOT / (file if file.startswith("tests/") else f"tests/{file}")
+        found = (
+            [ROOT / file] if file.startswith("tests/") else sorted(ROOT.glob(f"tests/**/{file}"))
+        )
+        path = found[0] if found else ROOT / "tests" / file
         if not path.is_file() or not re.search(
             rf"^\s*(?:async\s+)?def {name}\(", path.read_text(), re.M
         ):

@@ -249,10 +249,20 @@ def test_prompt_reads_the_terminal_not_stdin(serve):
     assert srv.answered() == [response(b"right", srv.salt)]
 
 
+def at_a_terminal() -> None:
+    """SIGINT at its default, as a shell at a terminal starts a command.
+
+    Under nohup or ``&`` the suite itself ignores SIGINT, and a shell that
+    starts with SIGINT ignored may not trap it: ^C would reach nobody.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_at_the_prompt_restores_echo(serve):
     srv = serve()
     script = 'trap : INT; "$0" -a "$1"; echo "status=$?"; stty -a'
-    child = pexpect.spawn("sh", ["-c", script, client_path(), srv.addr], timeout=10)
+    child = pexpect.spawn("sh", ["-c", script, client_path(), srv.addr], timeout=10,
+                          preexec_fn=at_a_terminal)
     child.expect_exact(PROMPT)
     child.sendintr()
     child.expect(r"status=(\d+)")

@@ -261,8 +261,9 @@ def at_a_terminal() -> None:
 def test_ctrl_c_at_the_prompt_restores_echo(serve):
     srv = serve()
     script = 'trap : INT; "$0" -a "$1"; echo "status=$?"; stty -a'
-    child = pexpect.spawn("sh", ["-c", script, client_path(), srv.addr], timeout=10,
-                          preexec_fn=at_a_terminal)
+    child = pexpect.spawn(
+        "sh", ["-c", script, client_path(), srv.addr], timeout=10, preexec_fn=at_a_terminal
+    )
     child.expect_exact(PROMPT)
     child.sendintr()
     child.expect(r"status=(\d+)")

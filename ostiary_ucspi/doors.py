@@ -30,11 +30,11 @@ import os
 import time
 
 from . import log as logmod
+from .policy import DOOR_PREFIX as PREFIX
 from .policy import DOORS as INDEX
 from .policy import parse_doors as parse_index
 from .store import Store, StoreCorrupt, Transaction, View
 
-PREFIX = b"!door:"
 BACKOFF = (10, 60, 300, 1800)  # seconds before each retry of a failed undo
 MAX_ATTEMPTS = len(BACKOFF) + 1
 STATES = (b"open", b"closing", b"failed")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # a type only: the handler has imported config already
 STOPPED = b"!stopped"
 ERRORS = b"!errors"
 DOORS = b"!doors"  # the pending doors' index: see doors.py
+DOOR_PREFIX = b"!door:"  # each door's record: see doors.py
 DOORS_GRACE = 2  # seconds a live runner has to close its own door before a sweeper may
 MARKED = b"0 KILL proven while the store could not record it"  # what Store.mark stands for
 GRACE = 5  # seconds past COMM_TIMEOUT after which an unconfirmed charge is final
@@ -84,7 +85,7 @@ def parse_doors(raw: bytes | None) -> tuple[int, list[bytes]]:
     if raw is None:
         return 0, []
     earliest, *keys = raw.split(b" ")
-    if not earliest.isdigit() or not all(k.startswith(b"!door:") for k in keys):
+    if not earliest.isdigit() or not all(k.startswith(DOOR_PREFIX) for k in keys):
         raise StoreCorrupt(f"door index does not parse: {raw[:60]!r}")
     return int(earliest), keys
 

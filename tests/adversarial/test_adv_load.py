@@ -12,7 +12,6 @@ after the last client, and the store reads back consistent.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import socket
@@ -24,7 +23,7 @@ import pytest
 from kit.procs import descriptors, handlers_alive, wait_for, wait_quiet, zombies
 from kit.servers import TRACEBACK, Server
 from kit.site import SECRETS, Site
-from kit.wire import SALT_LEN, connect, read_to_eof, recv_exact, response
+from kit.wire import SALT_LEN, connect, peer_may_close, read_to_eof, recv_exact, response
 
 from adversarial.adv_tally import figure
 from ostiary_ucspi.policy import ERRORS, Entry
@@ -55,7 +54,7 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
         salt = recv_exact(sock, SALT_LEN)
         if len(salt) < SALT_LEN:
             return salt
-        try:
+        with peer_may_close():
             if kind == "valid":
                 sock.sendall(response(SECRETS[action], salt))
             elif kind in ("wrong", "hammer"):
@@ -67,11 +66,6 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
                     time.sleep(0.25)
             if kind != "silent":
                 sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except OSError as e:  # cut at COMM_TIMEOUT with our bytes unread: the kernel reset
-            if e.errno != errno.ENOTCONN:
-                raise
         return salt + read_to_eof(sock)
 
 

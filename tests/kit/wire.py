@@ -11,7 +11,8 @@ import hashlib
 import hmac
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 SALT_LEN = 32
 
@@ -78,17 +79,28 @@ def talk(
         response_bytes = answer(got)
     if response_bytes is None and secret is not None:
         response_bytes = response(secret, got)
-    try:
+    with peer_may_close():
         if response_bytes:
             sock.sendall(response_bytes)
         if not hold:
             sock.shutdown(socket.SHUT_WR)
+    return got + read_to_eof(sock)
+
+
+@contextmanager
+def peer_may_close() -> Iterator[None]:
+    """Around a client's sends and its shutdown: a handler that closed already is no error.
+
+    Closed with our bytes unread (past 32, or cut at COMM_TIMEOUT), the kernel
+    resets the connection: EPIPE, ECONNRESET, or ENOTCONN on the shutdown.
+    """
+    try:
+        yield
     except (BrokenPipeError, ConnectionResetError):
         pass
-    except OSError as e:  # the handler closed with our surplus unread: the kernel reset
+    except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
-    return got + read_to_eof(sock)
 
 
 def knock(

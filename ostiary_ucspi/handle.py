@@ -15,7 +15,7 @@ import time
 from . import log as logmod
 from .address import parse as parse_address
 from .config import Action, Config, ConfigError, find, load
-from .policy import charge, doors_due, fail, keeper, kill, refusal, stale_charge, succeed, uncharge
+from .policy import DOORS, charge, doors_due, fail, keeper, kill, refusal, stale_charge, succeed, uncharge
 from .store import Store, StoreCorrupt, StoreError, View
 
 PROG = "ostiary-handle"
@@ -156,16 +156,18 @@ def start(
     except ActionRefused as e:
         log(logmod.ERR, f"{ip} {what} {action.command} refused: {e}")
         return
-    from . import doors
-
-    doors.doors(store.last_view)  # a damaged door record: no action runs (StoreCorrupt)
+    view = store.last_view
     then = None
-    if action.undo:
-        close_at = doors.arm(
-            store, number, ip, action.undo, action.undo_delay, uid, gid, time.time()
-        )
-        key = doors.door_key(number, ip)
-        then = lambda: doors.keep_closing(store, key, close_at, log)  # noqa: E731
+    if action.undo or (view is not None and view.get(DOORS) is not None):
+        from . import doors  # only now: with no doors' index there is no door to read
+
+        doors.doors(view)  # a damaged door record: no action runs (StoreCorrupt)
+        if action.undo:
+            close_at = doors.arm(
+                store, number, ip, action.undo, action.undo_delay, uid, gid, time.time()
+            )
+            key = doors.door_key(number, ip)
+            then = lambda: doors.keep_closing(store, key, close_at, log)  # noqa: E731
     log(
         logmod.NOTICE,
         f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"

@@ -177,6 +177,9 @@ def detach(job: "Callable[[], object]", log: logmod.Log) -> None:
     if os.fork():
         return
     try:
+        import gc
+
+        gc.enable()  # ostiary-handle disables it for its short life; a runner may wait for hours
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,15 +49,17 @@ def clean_signals() -> None:
 
 
 @contextmanager
-def shim(*args: str, env: dict[str, str], log: Path) -> Iterator[int]:
-    """Run ostiary-tcpserver -1 ... on 127.0.0.1; yield the port it printed."""
+def shim(
+    *args: str, env: dict[str, str], log: Path, preexec: Callable[[], None] = clean_signals
+) -> Iterator[int]:
+    """Run ostiary-tcpserver -1 ... on 127.0.0.1 (``preexec`` run first); yield its port."""
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             [project_tool("ostiary-tcpserver"), "-1", *args],
             stdout=subprocess.PIPE,
             stderr=err,
             env=env,
-            preexec_fn=clean_signals,
+            preexec_fn=preexec,
         )
     try:
         port = int(proc.stdout.readline())
@@ -67,7 +69,7 @@ def shim(*args: str, env: dict[str, str], log: Path) -> Iterator[int]:
         proc.wait(10)
 
 
-def recorded(tmp_path: Path, fork: bool) -> dict:
+def recorded(tmp_path: Path, fork: bool, preexec: Callable[[], None] = clean_signals) -> dict:
     """What the recorder saw of one connection, started by exec or by -F."""
     (tmp_path / "recorder.py").write_text(RECORDER)
     script = tmp_path / "recorder"
@@ -85,7 +87,15 @@ def recorded(tmp_path: Path, fork: bool) -> dict:
     # path, whose glibc leaves its internal signals 32 and 33 ignored in the program.
     flags = ["-Hrl0", "-t1", "-x", str(rules(tmp_path))] + (["-F", "recorder"] if fork else [])
     with shim(
-        *flags, "127.0.0.1", "0", str(script), str(out), "extra arg", env=env, log=tmp_path / "log"
+        *flags,
+        "127.0.0.1",
+        "0",
+        str(script),
+        str(out),
+        "extra arg",
+        env=env,
+        log=tmp_path / "log",
+        preexec=preexec,
     ) as port:
         knock(port)
         wait_for(out.exists, 10, "the recorder")
@@ -121,6 +131,21 @@ def test_the_listening_socket_is_not_inherited(tmp_path: Path) -> None:
     assert seen["fds"][:3] == [0, 1, 2] and len(seen["fds"]) == 4  # the listdir's own
     ignored = {n + 1 for n in range(64) if int(seen["sigign"], 16) >> n & 1}
     assert ignored == {signal.SIGPIPE, signal.SIGXFSZ}  # as a starting Python sets them
+
+
+def test_a_server_started_with_signals_ignored_and_blocked_passes_on_neither(
+    tmp_path: Path,
+) -> None:
+    def nohup_and_block() -> None:  # nohup, from a shell with &, and a blocked signal
+        clean_signals()
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR2, signal.SIGWINCH))
+
+    seen = recorded(tmp_path, True, nohup_and_block)
+    ignored = {n + 1 for n in range(64) if int(seen["sigign"], 16) >> n & 1}
+    assert ignored == {signal.SIGPIPE, signal.SIGXFSZ}
+    assert int(seen["sigblk"], 16) == 0
 
 
 def test_an_unimportable_module_is_fatal(tmp_path: Path) -> None:

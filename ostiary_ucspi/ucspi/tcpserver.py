@@ -629,7 +629,7 @@ class Server:
         """
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the listening socket, the wake-up pipe
         signal.set_wakeup_fd(-1)
-        for sig in signal.valid_signals():
+        for sig in not_default_signals():
             try:
                 signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError):  # SIGKILL, SIGSTOP, the C library's own
@@ -638,8 +638,12 @@ class Server:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.environ.clear()
-        os.environb.update(env)
+        environ = os.environb  # becomes ``env``: only what differs is set or unset
+        for name in [name for name in environ if name not in env]:
+            del environ[name]
+        for name, value in env.items():
+            if environ.get(name) != value:
+                environ[name] = value
         sys.argv = list(self.program)
         status = self.entry(list(self.program))  # type: ignore[misc]
         sys.stdout.flush()
@@ -740,6 +744,32 @@ class Server:
             else:
                 env[name] = value
         return env
+
+
+def not_default_signals() -> list[int]:
+    """The signals this process catches or ignores, as the kernel says (/proc/self/status).
+
+    Every signal where /proc cannot say: resetting one already at its
+    default changes nothing, but costs a system call each.
+    """
+    everything = list(signal.valid_signals())
+    try:
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        masks = [
+            int(line.split()[1], 16)
+            for line in status.split(b"\n")
+            if line.startswith((b"SigIgn:", b"SigCgt:"))
+        ]
+    except (OSError, ValueError, IndexError):
+        return everything
+    if len(masks) != 2:
+        return everything
+    bits = masks[0] | masks[1]
+    return [sig for sig in everything if bits >> (sig - 1) & 1]
 
 
 def preload(name: str) -> Callable[[list[str]], int]:

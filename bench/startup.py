@@ -18,7 +18,10 @@ Each handler command runs two ways: "fast", as service/ostiary/run starts it
 (``python -I -S ostiary-handle``: no site, see bin/ostiary-handle), and
 "plain", as pip's shebang starts it (site runs first). Each run is one
 posix_spawn/wait of the whole process, wall time measured until the handler
-exits (its action runner, detached, is not waited for). Peak RSS comes from
+exits (its action runner, detached, is not timed); then, untimed, the bench
+reads the log (descriptor 2, a pipe) until the runner has closed it too, and
+checks that the action finished: no runner of one command still works while
+the next is timed. Peak RSS comes from
 GNU time (/usr/bin/time -f %M, Debian package "time") in the same rounds.
 Prints medians, 90th percentiles and the ratios to the baseline; goals
 (fast): locked <= 1.00x, success <= 1.15x wall, peak RSS <= 1.00x.
@@ -51,10 +54,14 @@ def make_venv(path: str) -> str:
     return py
 
 
-def spawn(argv: list[str], env: dict[str, str], sock: socket.socket | None) -> int:
-    """Start ``argv`` with ``sock`` (or /dev/null) as fds 0 and 1; return its pid."""
+def spawn(argv: list[str], env: dict[str, str], sock: socket.socket | None, log: int) -> int:
+    """Start ``argv`` with ``sock`` (or /dev/null) as fds 0 and 1, ``log`` as 2; return its pid."""
     fd = sock.fileno() if sock is not None else os.open(os.devnull, os.O_RDWR)
-    actions = [(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)]
+    actions = [
+        (os.POSIX_SPAWN_DUP2, fd, 0),
+        (os.POSIX_SPAWN_DUP2, fd, 1),
+        (os.POSIX_SPAWN_DUP2, log, 2),
+    ]
     pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
     if sock is None:
         os.close(fd)
@@ -85,8 +92,10 @@ def run_once(kind: str, py: str, handle: str, cfgs: dict[str, str], rss: bool) -
     if what != "baseline":
         ours, theirs = socket.socketpair()
         env["TCPREMOTEIP"] = "127.0.0.2" if what == "locked" else "127.0.0.1"
+    log_r, log_w = os.pipe()
     t0 = time.perf_counter()
-    pid = spawn(argv, env, theirs)
+    pid = spawn(argv, env, theirs, log_w)
+    os.close(log_w)
     if theirs is not None:
         theirs.close()
         if what.startswith("success"):
@@ -102,8 +111,12 @@ def run_once(kind: str, py: str, handle: str, cfgs: dict[str, str], rss: bool) -
     wall = time.perf_counter() - t0
     if ours is not None:
         ours.close()
+    with open(log_r, "rb") as f:  # EOF once the detached runner is done as well
+        log = f.read().decode(errors="replace")
     if status != 0:
-        raise SystemExit(f"bench: {kind} run exited with status {status}")
+        raise SystemExit(f"bench: {kind} run exited with status {status}: {log}")
+    if what.startswith("success") and " finished: exit 0" not in log:
+        raise SystemExit(f"bench: {kind}: the action did not finish well: {log}")
     if report is None:
         return wall, 0
     with report:

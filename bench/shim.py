@@ -27,8 +27,11 @@ after their salt and reads each live child's private memory (USS:
 Private_Clean + Private_Dirty of /proc/PID/smaps_rollup), for both servers.
 Goals: conn/s ratio >= 10, CPU per connection ratio <= 0.1, USS <= 1 MiB.
 The servers' log (LOG_INFO, as shipped) goes to a file, as multilog's would.
+``--fork --floor`` forks, instead of the handler, a module whose main only
+sends 32 random bytes and reads 32 (the least any -F handler does): the
+floor of the forking server itself, against the same exec'd handler.
 
-Usage: python3 bench/shim.py [--program handle|true|python] [--fork] [--conns N]
+Usage: python3 bench/shim.py [--program handle|true|python] [--fork [--floor]] [--conns N]
        [--rounds R] [-c LIMIT] [--concurrency K] [-- command ...]
 Needs only the standard library, tcpserver (ucspi-tcp) and this project installed.
 """
@@ -52,6 +55,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = b"example-hello-passphrase"  # examples/ostiary.cfg's /bin/echo ACTION
 TICK = os.sysconf("SC_CLK_TCK")
+FLOOR = """import os
+
+
+def main(argv):
+    os.write(1, os.urandom(32))
+    os.read(0, 32)
+    return 0
+"""
 
 
 def tool(name: str) -> str:
@@ -225,10 +236,17 @@ def main() -> int:
         action="store_true",
         help="the shim forks the imported handler (-F), no exec (handle only)",
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="with --fork: fork a module that only sends 32 bytes and reads 32",
+    )
     ap.add_argument("command", nargs="*", help="program to run instead (after --)")
     args = ap.parse_args()
     if args.fork and (args.command or args.program != "handle"):
         ap.error("--fork runs ostiary-handle only")
+    if args.floor and not args.fork:
+        ap.error("--floor needs --fork")
     concurrency = args.concurrency or args.limit
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work:  # runners may linger
         respond = False
@@ -243,7 +261,13 @@ def main() -> int:
             program, name = [sys.executable, "-S", "-c", "pass"], "python3 -S -c pass"
         conns = args.conns or (2000 if program == ["/bin/true"] else 300)
         flags = ["-1", "-HRl0", "-c", str(args.limit), "127.0.0.1", "0"]
-        fork = ["-F", "ostiary_ucspi.handle"] if args.fork else []
+        module = "ostiary_ucspi.handle"
+        if args.floor:
+            module = "bench_floor"
+            with open(os.path.join(work, f"{module}.py"), "w") as f:
+                f.write(FLOOR)
+            os.environ["PYTHONPATH"] = work  # the shim's; the exec'd handler runs with -I
+        fork = ["-F", module] if args.fork else []
         servers = {
             "real": [tool("tcpserver")] + flags + program,
             "shim": [tool("ostiary-tcpserver")] + fork + flags + program,
@@ -256,7 +280,7 @@ def main() -> int:
         memory = {w: uss(servers[w], args.limit, log) for w in servers} if args.fork else {}
     print(
         f"program: {name}"
-        + ("; shim: -F ostiary_ucspi.handle (forks, no exec)" if args.fork else "")
+        + (f"; shim: -F {module} (forks, no exec)" if args.fork else "")
     )
     print(
         f"both: -HRl0 -c {args.limit}; {concurrency} clients in flight; {conns} connections "

@@ -190,7 +190,7 @@ def main() -> None:
                     spawn(flood, cfg_path, flood_to[0] + w, flood_to[1], args.flooders, shuffle)
                     for w in range(args.flooders)
                 ]
-                for w, pid in enumerate(pids):
+                for pid in pids:
                     reap(pid, peaks, "flooder (with its compactions)")
             os.kill(knocker, signal.SIGTERM)
             with os.fdopen(rfd, "rb") as r:

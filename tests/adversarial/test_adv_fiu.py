@@ -10,8 +10,9 @@ no charge it did not earn, and the next connection is served as usual.
 
 Which call fails: the journal's ``write`` is the handler's first (the store
 exists beforehand), so failing it once (``onetime``) spares the salt's;
-``fdatasync`` only the store calls; the refund after the salt is failed by
-``fiu-ctrl`` while the handler waits for the response. libfiu cannot fail
+``fdatasync`` only the store calls; the refund, or the lock, written
+after the salt is failed by ``fiu-ctrl`` while the handler waits for the
+response. libfiu cannot fail
 the second call of a function only, so strace fails the salt's ``write``.
 """
 
@@ -106,7 +107,11 @@ def test_a_salt_that_cannot_be_sent_charges_nothing(rig: Rig):
     serves_on(rig)
 
 
-def test_a_refund_that_cannot_be_written_starts_no_action(rig: Rig):
+def next_write_fails_after_the_salt(rig: Rig, secret: bytes) -> None:
+    """Knock with ``secret``, the handler's next ``write`` failing (EIO) once the salt is sent.
+
+    The handler fails closed: it exits 111 after one fatal line and the charge stands.
+    """
     existing_store(rig)
     fiu_ctrl = require_tool("fiu-ctrl")
     h = rig.start(wrap=fiu(rig))
@@ -118,15 +123,29 @@ def test_a_refund_that_cannot_be_written_starts_no_action(rig: Rig):
             check=True,
             timeout=10,
         )
-        return response(OPEN, salt)
+        return response(secret, salt)
 
     assert len(h.talk(answer=fail_the_next_write)) == SALT_LEN
     assert h.wait() == 111
-    only_line(rig, "fatal: 127.0.0.1 refused: lockout store: unable to append", "error")
-    assert rig.runs("open") == []
-    entry = rig.entry()  # the charge stands: the store could not take it back
+    only_line(
+        rig, "fatal: 127.0.0.1 refused: lockout store: unable to append", os.strerror(errno.EIO)
+    )
+    entry = rig.entry()
     assert (entry.strikes, entry.errors, entry.locked_since) == (1, 1, 0)
+
+
+def test_a_refund_that_cannot_be_written_starts_no_action(rig: Rig):
+    next_write_fails_after_the_salt(rig, OPEN)
+    assert rig.runs("open") == []  # the refund is lost with the action: a false negative
     serves_on(rig, errors=1)  # the next success clears the strike, refunds only its own error
+
+
+def test_a_lock_that_cannot_be_written_still_locks_out(rig: Rig):
+    rig.write_config(MAX_BAD_CONNS="1")
+    next_write_fails_after_the_salt(rig, b"wrong")
+    assert rig.handle(OPEN) == (b"", 0)  # the charge alone reaches MAX_BAD_CONNS
+    assert rig.lines()[1] == "ostiary-handle: info: 127.0.0.1 closed at once: locked out"
+    assert rig.runs("open") == []
 
 
 def test_a_fork_that_fails_starts_no_action_and_charges_nothing(rig: Rig):

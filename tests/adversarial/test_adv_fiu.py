@@ -4,17 +4,17 @@ libfiu's POSIX preload (``fiu-run -x``) makes the C library's ``write``,
 ``fdatasync`` and ``fork`` fail with the errno we choose; libfiu has no
 ``setuid`` wrapper, so for that the handler runs without CAP_SETUID
 (``setpriv``) and the kernel itself says EPERM. Every case ends the same
-way: one log line says what failed, the client gets the 32-byte salt or
-nothing, no action runs on a store that could not record, the address keeps
-no charge it did not earn, and the next connection is served as usual.
+way: one log line says what failed (beside the notice that an action is
+starting), the client gets the 32-byte salt or nothing, no action runs on a
+store that could not record, the address keeps no charge it did not earn,
+and the next connection is served as usual.
 
 Which call fails: the journal's ``write`` is the handler's first (the store
 exists beforehand), so failing it once (``onetime``) spares the salt's;
-``fdatasync`` only the store calls; the refund, or the lock, written
-after the salt is failed by ``fiu-ctrl`` while the handler waits for the
-response. libfiu cannot fail
-the second call of a function only, so strace fails the salt's ``write``.
-"""
+``fdatasync`` only the store calls; the refund, or the lock, written after
+the salt is failed by ``fiu-ctrl`` while the handler waits for the response.
+libfiu cannot fail only a function's second call, so strace fails the
+salt's ``write``."""
 
 from __future__ import annotations
 

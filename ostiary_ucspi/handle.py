@@ -178,12 +178,16 @@ def start(
         )
         key = doors.door_key(number, ip)
         then = lambda: doors.keep_closing(store, key, close_at, log)  # noqa: E731
+    try:
+        spawn(what, action.command, ip, uid, gid, log, then)
+    except OSError as e:  # no runner, no action (its door closes when due)
+        log(logmod.ERR, f"{ip} {what} {action.command} not started: unable to fork: {e.strerror}")
+        return
     log(
         logmod.NOTICE,
         f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"
         + (f", undo in {action.undo_delay}s" if action.undo else ""),
     )
-    spawn(what, action.command, ip, uid, gid, log, then)
 
 
 def close_due_doors(store: Store, view: View | None, log: logmod.Log, now: int) -> None:

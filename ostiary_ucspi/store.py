@@ -835,6 +835,12 @@ class Transaction:
                         raise StoreError(f"short write to {jpath}")
                     if self.durable:
                         os.fdatasync(fd)
+                except BaseException:  # unacknowledged, so it must not count: cut it off
+                    try:
+                        os.ftruncate(fd, journal.end)
+                    except OSError:
+                        pass
+                    raise
                 finally:
                     os.close(fd)
             except OSError as e:

@@ -621,12 +621,16 @@ class Lock:
     def __enter__(self) -> "Lock":
         name = os.path.basename(self.path)
         try:
-            try:
-                self.fd = os.open(name, os.O_RDWR | FLAGS, dir_fd=self.dfd)
-            except FileNotFoundError:  # the first writer creates it
-                self.fd = os.open(
-                    name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600, dir_fd=self.dfd
-                )
+            while self.fd < 0:
+                try:
+                    self.fd = os.open(name, os.O_RDWR | FLAGS, dir_fd=self.dfd)
+                except FileNotFoundError:  # the first writer creates it
+                    try:
+                        self.fd = os.open(
+                            name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600, dir_fd=self.dfd
+                        )
+                    except FileExistsError:  # another first writer did: open that
+                        continue
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise StoreCorrupt(f"{self.path}: a symbolic link, not a store file") from None

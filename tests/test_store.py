@@ -495,6 +495,22 @@ def worker(path: str, n: int, own: bytes) -> None:
         store.compact_due()
 
 
+def test_two_first_writers_racing_to_create_the_lock_both_take_it(path, monkeypatch):
+    real = os.open
+    raced: list[str] = []
+
+    def racing(name, flags, *args, **kw):
+        if name.endswith(".lock") and not raced and not flags & os.O_CREAT:
+            raced.append(name)  # another first writer creates it between our two opens
+            os.close(real(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600, **kw))
+            raise FileNotFoundError(name)
+        return real(name, flags, *args, **kw)
+
+    monkeypatch.setattr(storemod.os, "open", racing)
+    put(path, a=b"1")
+    assert raced and Store(path).view().get(b"a") == b"1"
+
+
 def test_many_processes_charging_and_refunding_get_exact_counts(path, small_journal):
     procs, n = 8, 40
     pids = [fork(worker, path, n, b"198.51.100.%d" % p) for p in range(procs)]

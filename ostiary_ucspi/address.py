@@ -68,6 +68,19 @@ def supernets(key: bytes, levels: tuple[int, ...]) -> list[bytes]:
     ]
 
 
+def prefix_number(key: bytes) -> tuple[int, int]:
+    """Return (the 128-bit number, the prefix length) of IPv6 key ``ADDRESS/BITS``.
+
+    Raises ValueError or OSError for anything else.
+    """
+    from .cpython import AF_INET6, inet_pton
+
+    text, slash, bits = key.partition(b"/")
+    if not slash or not bits.isdigit() or not 0 < int(bits) <= 128:
+        raise ValueError(f"not an IPv6 prefix: {key[:60]!r}")
+    return int.from_bytes(inet_pton(AF_INET6, text.decode()), "big"), int(bits)
+
+
 def key(text: str, v6_prefix: int = 64) -> bytes:
     """Return the store key for address ``text`` (see :func:`parse`)."""
     return parse(text, v6_prefix)[1]

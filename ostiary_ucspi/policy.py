@@ -21,7 +21,7 @@ the store takes no new key once it is half full (:meth:`View.full`).
 A lock is never dropped to make room.
 """
 
-from .address import supernets
+from .address import prefix_number, supernets
 from .store import Store, StoreCorrupt, Transaction, View
 
 TYPE_CHECKING = False
@@ -93,7 +93,7 @@ def refusal(
         return "service stopped: " + stopped.partition(b" ")[2].decode(errors="replace")
     if Entry(view.get(key)).locked_out(max_bad, expire, now):
         return "locked out"
-    for prefix in above(key):
+    for prefix in reversed(above(key)):  # the widest first: under a flood, it is the one locked
         if Entry(view.get(prefix)).locked_out(FANOUT, expire, now):
             return f"locked out with all of {prefix.decode()}"
     return None
@@ -313,16 +313,23 @@ def pruner(cfg: "Config", now: int) -> "Prune":
         return now - entry.last_seen <= cfg.strike_expire
 
     def prune(records: "Records") -> "Iterator[tuple[bytes, bytes]]":
-        below: dict[bytes, list[int]] = {}  # prefix -> [live records just below, newest seen]
+        below: dict[tuple[int, int], list[int]] = {}  # prefix -> [live records below, newest]
         prefixes: list[tuple[int, bytes, Entry]] = []
+        dropped: set[bytes] = set()
         for key, value in records():
+            if key.startswith(b"!"):
+                continue
+            entry = Entry(value)
             if aggregate(key, cfg):
-                prefixes.append((-int(key.partition(b"/")[2]), key, Entry(value)))
-            elif b"/" in key and not key.startswith(b"!") and lives(Entry(value)):
-                tally(below, key, Entry(value).last_seen)
+                prefixes.append((-int(key.partition(b"/")[2]), key, entry))
+                dropped.add(key)  # unless it is kept below
+            elif not lives(entry):
+                dropped.add(key)
+            elif b"/" in key:
+                tally(below, key, entry.last_seen)
         kept: dict[bytes, bytes] = {}
         for _, key, entry in sorted(prefixes):  # the longest prefixes first
-            count, seen = below.get(key, (0, 0))
+            count, seen = below.get(network(key), (0, 0))
             if entry.lock_ran_out(cfg.lockout_expire, now):
                 entry.locked_since = 0
             if count >= FANOUT and not entry.locked_since:
@@ -332,24 +339,32 @@ def pruner(cfg: "Config", now: int) -> "Prune":
                 kept[key] = entry.encode()
                 tally(below, key, entry.last_seen)
         for key, value in records():
-            if key.startswith(b"!"):
-                yield key, value
-            elif key in kept:
+            if key in kept:
                 yield key, kept[key]
-            elif not aggregate(key, cfg) and lives(Entry(value)):
+            elif key not in dropped:
                 yield key, value
 
     return prune
 
 
-def tally(below: dict[bytes, list[int]], key: bytes, seen: int) -> None:
-    """Count a surviving record under the prefix just above it, in ``below``."""
-    bits = int(key.partition(b"/")[2])
-    up = above(key, tuple(level for level in LEVELS if level < bits)[:1])  # the nearest only
-    if up:
-        counted = below.setdefault(up[0], [0, 0])
-        counted[0] += 1
-        counted[1] = max(counted[1], seen)
+def network(key: bytes) -> tuple[int, int]:
+    """Return (prefix length, network number) of IPv6 key ``key``."""
+    try:
+        n, bits = prefix_number(key)
+    except (OSError, ValueError):
+        raise StoreCorrupt(f"record key is neither address nor prefix: {key[:60]!r}") from None
+    return bits, n >> (128 - bits)
+
+
+def tally(below: dict[tuple[int, int], list[int]], key: bytes, seen: int) -> None:
+    """Count a surviving record under the prefix of :data:`LEVELS` just above it, in ``below``."""
+    bits, n = network(key)
+    for level in LEVELS:  # the longest first
+        if level < bits:
+            counted = below.setdefault((level, n >> (bits - level)), [0, 0])
+            counted[0] += 1
+            counted[1] = max(counted[1], seen)
+            return
 
 
 def unlock(store: Store, key: bytes) -> Entry | None:

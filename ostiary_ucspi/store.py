@@ -100,7 +100,8 @@ class Journal:
 
     def __init__(self, data: bytes, name: str) -> None:
         head_end = data.find(b"\n")
-        if not data.startswith(MAGIC) or head_end < 0 or not data[len(MAGIC) : head_end].isdigit():
+        gen = data[len(MAGIC) : head_end]
+        if not data.startswith(MAGIC) or head_end < 0 or not gen.isdigit() or len(gen) > 18:
             raise StoreCorrupt(f"{name}: bad journal header")
         end = data.rfind(b"\n") + 1
         while end > head_end + 1 and data[end - 2 : end - 1] == MORE:
@@ -113,7 +114,7 @@ class Journal:
         else:
             crc = zlib.crc32(data[:end])
         self.name = name
-        self.gen = int(data[len(MAGIC) : head_end])
+        self.gen = int(gen)
         self.data = data
         self.head_end = head_end
         self.end = end

@@ -32,10 +32,22 @@ def sealed(data: bytes) -> bytes:
     return out + tail
 
 
+def first_fold(data: bytes) -> int:
+    """Return where the first transaction after the header ends (a fold may end there), or 0."""
+    i = data.find(b"\n") + 1
+    while i:
+        i = data.find(b"\n", i) + 1
+        if i and data[i - 2 : i - 1] != b"+":
+            return i
+    return 0
+
+
 def one_input(data: bytes) -> None:
-    """Read ``data`` as it is, then sealed."""
+    """Read ``data`` as it is, then sealed: whole, and from its first fold on (``!from``)."""
     check_journal(data)
-    check_journal(sealed(data))
+    data = sealed(data)
+    check_journal(data)
+    check_journal(data, first_fold(data))
 
 
 if __name__ == "__main__":

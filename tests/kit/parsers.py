@@ -21,10 +21,13 @@ def check_config(text: str) -> None:
         assert str(e).startswith("fuzz.cfg") and "\n" not in str(e), str(e)
 
 
-def check_journal(data: bytes) -> None:
-    """Read ``data`` as a journal, its records and their values: or one StoreCorrupt naming it."""
+def check_journal(data: bytes, start: int = 0) -> None:
+    """Read ``data`` as a journal (from ``start``), its records and their values.
+
+    Or one StoreCorrupt naming it.
+    """
     try:
-        journal = Journal(data, "fuzz.journal")
+        journal = Journal(data, "fuzz.journal", start)
         out = journal.records()
     except StoreCorrupt as e:
         assert str(e).startswith("fuzz.journal: "), str(e)

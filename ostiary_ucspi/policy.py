@@ -53,7 +53,11 @@ class Entry:
             self.strikes = self.errors = self.locked_since = self.last_seen = 0
             return
         parts = raw.split(b" ")
-        if len(parts) != 4 or not all(parts) or not raw.replace(b" ", b"").isdigit():
+        if (
+            len(parts) != 4
+            or not all(0 < len(p) <= 18 for p in parts)
+            or not raw.replace(b" ", b"").isdigit()
+        ):
             raise StoreCorrupt(f"lockout record does not parse: {raw[:60]!r}")
         self.strikes, self.errors, self.locked_since, self.last_seen = map(int, parts)
 

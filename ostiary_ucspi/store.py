@@ -117,7 +117,8 @@ class Journal:
 
     def __init__(self, data: bytes, name: str, start: int = 0) -> None:
         head_end = data.find(b"\n")
-        if not data.startswith(MAGIC) or head_end < 0 or not data[len(MAGIC) : head_end].isdigit():
+        gen = data[len(MAGIC) : head_end]
+        if not data.startswith(MAGIC) or head_end < 0 or not gen.isdigit() or len(gen) > 18:
             raise StoreCorrupt(f"{name}: bad journal header")
         end = data.rfind(b"\n") + 1
         while end > head_end + 1 and data[end - 2 : end - 1] == MORE:
@@ -136,7 +137,7 @@ class Journal:
         ):
             raise StoreCorrupt(f"{name}: the snapshot's fold ends where no transaction does")
         self.name = name
-        self.gen = int(data[len(MAGIC) : head_end])
+        self.gen = int(gen)
         self.data = data
         self.head_end = max(head_end, start - 1)  # the newline before the first record
         self.end = end

@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 from cdblib import Reader
+from conftest import ROOT
 from kit.damage import REPORTED, write_at
 from kit.damage import journal as journal_of
 
@@ -36,6 +37,7 @@ from ostiary_ucspi.policy import (
 from ostiary_ucspi.store import Store, StoreCorrupt, StoreError, journal_lines
 
 NOW = 1_700_000_000
+FOUND = ROOT / "tests" / "fuzz" / "corpus" / "journal"  # crash-*: see the README there
 
 
 def config(extra: str = ""):
@@ -220,6 +222,25 @@ def test_a_damaged_store_is_reported_corrupt(path, damage, message):
     with pytest.raises(StoreCorrupt, match=message):
         with Store(path).lock():
             pass
+
+
+def test_a_journal_generation_too_long_is_corrupt(path):
+    """5,000 digits: once a ValueError (Python's int() refuses over 4,300)."""
+    put(path, a=b"1")
+    journal_of(path).write_bytes((FOUND / "crash-long-generation").read_bytes())
+    for read in (lambda: Store(path).view(), lambda: Store(path).lock().__enter__()):
+        with pytest.raises(StoreCorrupt, match="lockout.cdb.journal: bad journal header"):
+            read()
+
+
+def test_a_lockout_record_with_a_field_too_long_is_corrupt(path):
+    """A checksummed record of 192.0.2.8 whose strikes have 5,000 digits: once a ValueError."""
+    put(path, a=b"1")
+    journal_of(path).write_bytes((FOUND / "crash-long-record").read_bytes())
+    view = Store(path).view()
+    assert view.get(b"192.0.2.8").startswith(b"1" * 5000 + b" ")
+    with pytest.raises(StoreCorrupt, match="lockout record does not parse"):
+        refusal(view, b"192.0.2.8", 3)
 
 
 @pytest.mark.parametrize("line, byte", [(1, b"7"), (1, b"x"), (2, b"3"), (3, b"0")])

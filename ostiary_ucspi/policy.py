@@ -22,7 +22,7 @@ A lock is never dropped to make room.
 """
 
 from .address import prefix_number, supernets
-from .store import Store, StoreCorrupt, Transaction, View
+from .store import Store, StoreCorrupt, Transaction, View, number
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # a type only: the handler has imported config already
@@ -156,14 +156,19 @@ def count_down(tx: Transaction, key: bytes) -> None:
         tx.put(prefix, None)
 
 
+def total_errors(view: View | Transaction) -> int:
+    """Return the error total (MAX_TOTAL_ERRS counts it)."""
+    return number(view.get(ERRORS) or b"0", "the error total")
+
+
 def parse_doors(raw: bytes | None) -> tuple[int, list[bytes]]:
     """Return (the earliest close, the door keys) of the doors' index record."""
     if raw is None:
         return 0, []
     earliest, *keys = raw.split(b" ")
-    if not earliest.isdigit() or not all(k.startswith(DOOR_PREFIX) for k in keys):
+    if not all(k.startswith(DOOR_PREFIX) for k in keys):
         raise StoreCorrupt(f"door index does not parse: {raw[:60]!r}")
-    return int(earliest), keys
+    return number(earliest, "the door index"), keys
 
 
 def doors_due(view: View | None, now: int) -> bool:
@@ -215,7 +220,7 @@ def charge(store: Store, key: bytes, cfg: "Config", now: int) -> Charge:
         entry.errors += 1
         entry.last_seen = now
         tx.put(key, entry.encode())
-        tx.put(ERRORS, b"%d" % (int(tx.get(ERRORS) or b"0") + 1))
+        tx.put(ERRORS, b"%d" % (total_errors(tx) + 1))
         done = Charge()
         if raw is None:
             done.locked = count_up(tx, key, cfg, now)
@@ -237,7 +242,7 @@ def refund(tx: Transaction, key: bytes, clear: bool = False) -> None:
     elif raw is not None:
         tx.put(key, None)
         count_down(tx, key)
-    tx.put(ERRORS, b"%d" % max(0, int(tx.get(ERRORS) or b"0") - 1))
+    tx.put(ERRORS, b"%d" % max(0, total_errors(tx) - 1))
 
 
 def succeed(store: Store, key: bytes) -> None:
@@ -278,7 +283,7 @@ def fail(store: Store, key: bytes, cfg: "Config", now: int) -> tuple[bool, str |
             tx.put(key, entry.encode())
             locked = True
         reason = None
-        total = int(tx.get(ERRORS) or b"0")
+        total = total_errors(tx)
         if cfg.max_single_errs and entry.errors > cfg.max_single_errs:
             reason = f"{key.decode()} passed MAX_SINGLE_ERRS ({entry.errors} errors)"
         elif cfg.max_total_errs and total > cfg.max_total_errs:

@@ -90,6 +90,13 @@ class StoreCorrupt(StoreError):
     """A store file does not parse: fail closed."""
 
 
+def number(raw: bytes, what: str) -> int:
+    """Return the decimal number ``raw`` of a store record (1 to 18 digits); else StoreCorrupt."""
+    if not (0 < len(raw) <= 18 and raw.isdigit()):
+        raise StoreCorrupt(f"{what} does not parse: {raw[:60]!r}")
+    return int(raw)
+
+
 def journal_lines(pending: dict[bytes, bytes], crc: int) -> bytes:
     """Return one transaction's journal lines, to follow a journal whose CRC-32 is ``crc``.
 
@@ -221,9 +228,9 @@ class View:
     def count(self) -> int:
         """Return how many live keys do not start with ``!`` (addresses and prefixes)."""
         raw = self.reader.get(COUNT_KEY)
-        if raw is None or not raw.isdigit():  # a snapshot of 0.2.0: count them
+        if raw is None:  # a snapshot of 0.2.0: count them
             return sum(1 for k, _ in self.records() if not k.startswith(b"!"))
-        n = int(raw)
+        n = number(raw, f"{self.path}: its !count record")
         for key, value in ({} if self.journal is None else dict(self.journal.records())).items():
             if not key.startswith(b"!"):
                 before = self.reader.get(key) is not None
@@ -414,9 +421,9 @@ class Store:
             except CdbError as e:
                 raise StoreCorrupt(f"{self.path}: {e}") from None
             gen_raw = reader.get(GEN_KEY)
-            if gen_raw is None or not gen_raw.isdigit():
+            if gen_raw is None:
                 raise StoreCorrupt(f"{self.path}: no generation record")
-            gen = int(gen_raw)
+            gen = number(gen_raw, f"{self.path}: its generation record")
             jdata = self._read(dfd, jname)
             if jdata is None:
                 self.last_view = View(self.path, reader, gen, None, marked)
@@ -426,9 +433,10 @@ class Store:
             journal: Journal | None = found
             if jgen == gen - 1:  # one behind: folded into this snapshot up to !from
                 start = reader.get(FROM_KEY)
-                if start is not None and not start.isdigit():
-                    raise StoreCorrupt(f"{self.path}: its !from record does not parse")
-                journal = Journal(jdata, self.journal, int(start)) if start else None
+                if start is None:  # folded in whole (a snapshot of 0.2.0)
+                    journal = None
+                else:
+                    journal = Journal(jdata, self.journal, number(start, "its !from record"))
             if jgen in (gen, gen - 1):
                 self.last_view = View(self.path, reader, gen, journal, marked)
                 return self.last_view

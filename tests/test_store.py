@@ -22,12 +22,14 @@ from kit.damage import journal as journal_of
 
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.address import key as address_key
+from ostiary_ucspi.cdb import write_cdb
 from ostiary_ucspi.config import parse
 from ostiary_ucspi.policy import (
     ERRORS,
     STOPPED,
     Entry,
     charge,
+    doors_due,
     fail,
     pruner,
     refusal,
@@ -658,3 +660,28 @@ def test_files_root_writes_belong_to_the_directorys_owner(tmp_path):
     for name in ("lockout.cdb", "lockout.cdb.journal", "lockout.cdb.lock"):
         st = os.stat(d / name)
         assert (st.st_uid, st.st_gid) == (65534, 65534), name
+
+
+LONG = b"9" * 5000  # past int()'s 4,300 digits: a ValueError, were it not checked first
+
+
+@pytest.mark.parametrize("key", [b"!gen", b"!from", b"!count"])
+def test_a_snapshot_number_too_long_is_corrupt(path, key):
+    put(path, a=b"1")  # snapshot and journal of generation 1
+    records = {b"!gen": b"2", b"!from": b"18", b"!count": b"1", b"a": b"1", key: LONG}
+    with open(path, "wb") as f:
+        write_cdb(f, list(records.items()))
+    with pytest.raises(StoreCorrupt, match="does not parse"):
+        Store(path).view().count()
+
+
+def test_an_error_total_too_long_is_corrupt(path):
+    put(path, **{"!errors": LONG})
+    with pytest.raises(StoreCorrupt, match="does not parse"):
+        charge(Store(path), b"10.0.0.1", config(), NOW)
+
+
+def test_a_door_index_too_long_is_corrupt(path):
+    put(path, **{"!doors": LONG + b" !door:1:10.0.0.1"})
+    with pytest.raises(StoreCorrupt, match="does not parse"):
+        doors_due(Store(path).view(), NOW)

@@ -37,7 +37,7 @@ from ..policy import (
     revive,
     unlock,
 )
-from ..store import Store, StoreCorrupt, StoreError
+from ..store import Store, StoreCorrupt, StoreError, number
 from ..supervise import bring_up_advice
 
 PROG = "ostiary-lockout"
@@ -84,18 +84,13 @@ class State:
         self.stopped: tuple[int, str] | None = None
         if STOPPED in items or (view is not None and view.marked):
             self.stopped = parse_stopped(items.get(STOPPED, MARKED))
-        errors = items.get(ERRORS, b"0")
-        if not errors.isdigit():
-            raise StoreCorrupt(f"error total does not parse: {errors[:60]!r}")
-        self.errors = int(errors)
+        self.errors = number(items.get(ERRORS, b"0"), "the error total")
 
 
 def parse_stopped(raw: bytes) -> tuple[int, str]:
     """Split the stopped state into (since, reason)."""
     since, _, reason = raw.partition(b" ")
-    if not since.isdigit():
-        raise StoreCorrupt(f"stopped state does not parse: {raw[:60]!r}")
-    return int(since), reason.decode(errors="replace")
+    return number(since, "the stopped state"), reason.decode(errors="replace")
 
 
 def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:

@@ -38,7 +38,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ostiary_ucspi.config import parse  # noqa: E402
-from ostiary_ucspi.policy import Entry, charge, keeper, refusal, succeed  # noqa: E402
+from ostiary_ucspi.policy import Entry, charge, pruner, refusal, succeed  # noqa: E402
 from ostiary_ucspi.store import Store, journal_threshold  # noqa: E402
 
 MS = 1e-6  # nanoseconds to milliseconds
@@ -71,7 +71,7 @@ def build(path: str, n: int, now: int, rng: random.Random) -> list[bytes]:
                 entry.strikes = entry.errors = 3
                 entry.locked_since = entry.last_seen
             tx.put(key, entry.encode())
-        tx.compact()
+    store.compact()
     return sorted(keys)
 
 
@@ -123,23 +123,22 @@ def run_size(directory: str, n: int, connections: int, cfg, rng: random.Random) 
         lookups.append(time.perf_counter_ns() - t)
         new = random_key(rng)
         before = os.path.getsize(path + ".journal")
-        store = Store(path, keep=keeper(cfg, now))
+        store = Store(path, prune=pruner(cfg, now))
         t = time.perf_counter_ns()
         charge(store, new, cfg, now)
         charges.append(time.perf_counter_ns() - t)
         t = time.perf_counter_ns()
         succeed(store, new)
         refunds.append(time.perf_counter_ns() - t)
+        store.compact_due()  # as the handler does once its client is gone
         compactions += os.path.getsize(path + ".journal") < before
     # One timed compaction of a full journal, then its memory peak.
-    store = Store(path, keep=keeper(cfg, now))
+    store = Store(path, prune=pruner(cfg, now))
     t = time.perf_counter_ns()
-    with store.lock() as tx:
-        kept = tx.compact()
+    kept = store.compact()
     compact_ns = time.perf_counter_ns() - t
     tracemalloc.start()
-    with store.lock() as tx:
-        tx.compact()
+    store.compact()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert kept >= n, "addresses expired during the benchmark"

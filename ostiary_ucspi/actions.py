@@ -124,27 +124,48 @@ def prepare(
 
 
 def run(path: str, ip: str, uid: int, gid: int, log: logmod.Log) -> int:
-    """Run ``path ip`` as uid/gid, logging its output; return its wait status."""
+    """Run ``path ip`` as uid/gid, logging its output; return its wait status.
+
+    Raises ActionRefused when it never started: no fork, or the child could
+    not switch ids or execve (it says why on a pipe that execve closes).
+    """
     rfd, wfd = os.pipe()
-    pid = os.fork()
+    efd, ewfd = os.pipe()  # not inherited: the child's execve closes ewfd
+    try:
+        pid = os.fork()
+    except OSError as e:
+        for fd in (rfd, wfd, efd, ewfd):
+            os.close(fd)
+        raise ActionRefused(f"unable to fork: {e.strerror}") from None
     if pid == 0:
+        step = "set up its descriptors"
         try:
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(wfd, 1)
             os.dup2(wfd, 2)
-            os.closerange(3, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))  # however high inherited
+            os.closerange(3, ewfd)
+            os.closerange(ewfd + 1, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))  # however high
             default_signals()
             if os.getuid() == 0:
+                step = f"switch to uid {uid} gid {gid}"
                 os.setgroups([])
                 os.setgid(gid)
                 os.setuid(uid)
+            step = "execute it"
             os.execve(path, [path, ip], {"PATH": SAFE_PATH})
         except OSError as e:
-            os.write(2, f"unable to run: {e.strerror}\n".encode())
+            os.write(ewfd, f"unable to {step}: {e.strerror}".encode())
         finally:
             os._exit(127)
     os.close(wfd)
+    os.close(ewfd)
+    with open(efd, "rb") as errors:
+        why = errors.read()  # at once at execve; the child's reason if it failed before
+    if why:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+        raise ActionRefused(why.decode(errors="replace"))
     with open(rfd, "rb") as out:
         for line in out:
             log(logmod.INFO, f"{ip} {path}: {line.rstrip().decode(errors='replace')}")
@@ -160,8 +181,12 @@ def describe(status: int) -> str:
 
 
 def run_logged(path: str, ip: str, uid: int, gid: int, log: logmod.Log, what: str) -> None:
-    """Run one command and log how it ended."""
-    status = run(path, ip, uid, gid, log)
+    """Run one command and log how it ended (or why it never started)."""
+    try:
+        status = run(path, ip, uid, gid, log)
+    except ActionRefused as e:
+        log(logmod.ERR, f"{ip} {what} {path} not started: {e}")
+        return
     level = logmod.NOTICE if status == 0 else logmod.ERR
     log(level, f"{ip} {what} {path} finished: {describe(status)}")
 

@@ -46,6 +46,41 @@ def prefix_key(packed: bytes, bits: int) -> bytes:
     return b"%s/%d" % (inet_ntop(AF_INET6, n.to_bytes(16, "big")).encode(), bits)
 
 
+def supernets(key: bytes, levels: tuple[int, ...]) -> list[bytes]:
+    """Return the keys of the ``levels``-bit prefixes holding IPv6 key ``key``, in that order.
+
+    Only the levels shorter than the key's own prefix; none for an IPv4 key.
+    """
+    text, slash, bits = key.partition(b"/")
+    if not slash:
+        return []
+    from .cpython import AF_INET6, inet_ntop, inet_pton
+
+    n = int.from_bytes(inet_pton(AF_INET6, text.decode()), "big")
+    return [
+        b"%s/%d"
+        % (
+            inet_ntop(AF_INET6, (n >> (128 - level) << (128 - level)).to_bytes(16, "big")).encode(),
+            level,
+        )
+        for level in levels
+        if level < int(bits)
+    ]
+
+
+def prefix_number(key: bytes) -> tuple[int, int]:
+    """Return (the 128-bit number, the prefix length) of IPv6 key ``ADDRESS/BITS``.
+
+    Raises ValueError or OSError for anything else.
+    """
+    from .cpython import AF_INET6, inet_pton
+
+    text, slash, bits = key.partition(b"/")
+    if not slash or not bits.isdigit() or not 0 < int(bits) <= 128:
+        raise ValueError(f"not an IPv6 prefix: {key[:60]!r}")
+    return int.from_bytes(inet_pton(AF_INET6, text.decode()), "big"), int(bits)
+
+
 def key(text: str, v6_prefix: int = 64) -> bytes:
     """Return the store key for address ``text`` (see :func:`parse`)."""
     return parse(text, v6_prefix)[1]

@@ -15,7 +15,7 @@ import struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the handler's start-up an re and enum import
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
     from mmap import mmap
     from typing import BinaryIO
 
@@ -106,36 +106,58 @@ class Reader:
             where = start + klen + vlen
 
 
-def write_cdb(out: "BinaryIO", records: list[tuple[bytes, bytes]], limit: int = MAX_SIZE) -> None:
+def write_cdb(
+    out: "BinaryIO", records: "Iterable[tuple[bytes, bytes]]", limit: int = MAX_SIZE
+) -> int:
     """Write ``records`` to seekable ``out`` (same bytes as cdbmake for the same order).
 
-    Raises OSError, writing nothing, when the result would pass ``limit``
-    bytes (at most a cdb's 4 GB).
+    Streams: memory grows by 8 bytes a record, whatever the records' size.
+    Returns the number of records. Raises OSError when the result would
+    pass ``limit`` bytes (at most a cdb's 4 GB); ``out`` is then unusable.
     """
+    import sys
+    from array import array
+
     from cdblib import djb_hash  # C, for the many keys of a compaction: the same as hash_key
 
-    size = HEADER_LEN + sum(24 + len(k) + len(v) for k, v in records)  # exactly what follows
-    if size > min(limit, MAX_SIZE):
-        raise OSError(f"{size} bytes would pass the limit of {min(limit, MAX_SIZE)}")
+    limit = min(limit, MAX_SIZE)
     out.write(b"\0" * HEADER_LEN)
     position = HEADER_LEN
-    tables: list[list[tuple[int, int]]] = [[] for _ in range(256)]
+    hashes, positions = array("I"), array("I")  # 32 bits each, as in the file
     for key, value in records:
-        out.write(_pair(len(key), len(value)) + key + value)
-        h = djb_hash(key)
-        tables[h & 255].append((h, position))
         position += 8 + len(key) + len(value)
+        if position + 16 * (len(hashes) + 1) > limit:  # the tables hold 2 slots a record
+            raise OSError(f"the CDB would pass the limit of {limit} bytes")
+        out.write(_pair(len(key), len(value)) + key + value)
+        hashes.append(djb_hash(key))
+        positions.append(position - 8 - len(key) - len(value))
+    counts = [0] * 256
+    for h in hashes:
+        counts[h & 255] += 1
+    starts, total = [], 0
+    for n in counts:
+        starts.append(total)
+        total += n
+    order = array("I", bytes(4 * len(hashes)))  # record numbers, grouped by table
+    fill = list(starts)
+    for i, h in enumerate(hashes):
+        order[fill[h & 255]] = i
+        fill[h & 255] += 1
     header = []
-    for entries in tables:
-        size = 2 * len(entries)
-        slots = [(0, 0)] * size
-        for h, where in entries:
+    for b in range(256):
+        size = 2 * counts[b]
+        slots = array("I", bytes(8 * size))  # (hash, position) pairs
+        for j in range(starts[b], starts[b] + counts[b]):
+            h = hashes[order[j]]
             i = (h >> 8) % size
-            while slots[i][1]:  # a record is never at position 0: the slot is taken
+            while slots[2 * i + 1]:  # a record is never at position 0: the slot is taken
                 i = (i + 1) % size
-            slots[i] = (h, where)
+            slots[2 * i], slots[2 * i + 1] = h, positions[order[j]]
         header.append(_pair(position, size))
-        out.write(b"".join(_pair(*slot) for slot in slots))
+        if sys.byteorder == "big":
+            slots.byteswap()  # cdb is little-endian
+        out.write(slots.tobytes())
         position += 8 * size
     out.seek(0)
     out.write(b"".join(header))
+    return len(hashes)

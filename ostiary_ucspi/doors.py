@@ -50,7 +50,7 @@ class Door:
         numbers = parts[:3] + parts[4:7]
         if (
             len(parts) != 8
-            or not all(p.isdigit() for p in numbers)
+            or not all(0 < len(p) <= 18 and p.isdigit() for p in numbers)
             or parts[3] not in STATES
             or not parts[7].startswith(b"/")
         ):

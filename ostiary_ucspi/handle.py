@@ -15,7 +15,20 @@ import time
 from . import log as logmod
 from .address import parse as parse_address
 from .config import Action, Config, ConfigError, find, load
-from .policy import DOORS, charge, doors_due, fail, keeper, kill, refusal, stale_charge, succeed, uncharge
+from .policy import (
+    DOORS,
+    FANOUT,
+    Charge,
+    charge,
+    doors_due,
+    fail,
+    kill,
+    pruner,
+    refusal,
+    stale_charge,
+    succeed,
+    uncharge,
+)
 from .store import Store, StoreCorrupt, StoreError, View
 
 PROG = "ostiary-handle"
@@ -168,12 +181,16 @@ def start(
             )
             key = doors.door_key(number, ip)
             then = lambda: doors.keep_closing(store, key, close_at, log)  # noqa: E731
+    try:
+        spawn(what, action.command, ip, uid, gid, log, then)
+    except OSError as e:  # no runner, no action (its door closes when due)
+        log(logmod.ERR, f"{ip} {what} {action.command} not started: unable to fork: {e.strerror}")
+        return
     log(
         logmod.NOTICE,
         f"{ip} {what} {action.command} starting as uid {uid} gid {gid}"
         + (f", undo in {action.undo_delay}s" if action.undo else ""),
     )
-    spawn(what, action.command, ip, uid, gid, log, then)
 
 
 def close_due_doors(store: Store, view: View | None, log: logmod.Log, now: int) -> None:
@@ -210,7 +227,7 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         log(logmod.ERR, f"{e}: closed")
         return 111
     now = int(time.time())
-    store = Store(cfg.lockout_db, keep=keeper(cfg, now), editor=cfg.editor)
+    store = Store(cfg.lockout_db, prune=pruner(cfg, now), editor=cfg.editor)
     try:
         status = knock(cfg, store, key, ip, log, inetd, now)
         close_due_doors(store, store.last_view, log, now)
@@ -232,6 +249,16 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
     return status
 
 
+def admit(cfg: Config, store: Store, key: bytes, now: int) -> tuple[View | None, Charge]:
+    """Everything a connection waits for before its salt: a lock-free look, then the charge.
+
+    Returns the view read (None: no store yet) and what the charge did.
+    """
+    view = store.view()
+    why = refusal(view, key, cfg.max_bad_conns, cfg.lockout_expire, now)
+    return view, Charge(why) if why else charge(store, key, cfg, now)
+
+
 def knock(
     cfg: Config, store: Store, key: bytes, ip: str, log: logmod.Log, inetd: bool, now: int
 ) -> int:
@@ -240,10 +267,10 @@ def knock(
     Store errors propagate: whatever has not happened yet (an action
     included) does not happen.
     """
-    view = store.view()
-    why, stopped_now = refusal(view, key, cfg.max_bad_conns, cfg.lockout_expire, now), None
-    if not why:
-        why, stopped_now = charge(store, key, cfg, now)
+    view, charged = admit(cfg, store, key, now)
+    why, stopped_now = charged.refused, charged.stopped
+    for prefix in charged.locked:
+        log(logmod.NOTICE, f"{prefix.decode()} locked out: {FANOUT} prefixes below it struck")
     if why:
         hangup(inetd)
         log(logmod.INFO, f"{ip} closed at once: {why}")

@@ -9,14 +9,27 @@ holds the total for MAX_TOTAL_ERRS, ``!stopped`` holds ``since reason`` once
 KILL or an error threshold stopped the service, ``!doors`` indexes the
 pending UNDOs (:mod:`.doors`). Keys come from
 :mod:`.address` (IPv6 is counted per prefix).
+
+IPv6 strikes also aggregate up the prefix tree (:data:`LEVELS`): a prefix's
+record counts, as its ``strikes``, the records of the longer prefixes (or
+addresses) just below it, and once FANOUT of them hold strikes it is locked
+as a whole, closing every address under it at once. So an attacker holding
+a /32 can make at most FANOUT**4 + FANOUT**3 + FANOUT**2 + FANOUT + 1
+records (69,905), whatever the IPV6_PREFIX; each IPv4 address is a record
+of its own (an attacker's IPv4 addresses are each a host it holds), and
+the store takes no new key once it is half full (:meth:`View.full`).
+A lock is never dropped to make room.
 """
 
-from .store import Store, StoreCorrupt, Transaction, View
+from .address import prefix_number, supernets
+from .store import Store, StoreCorrupt, Transaction, View, number
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # a type only: the handler has imported config already
+    from collections.abc import Iterator
+
     from .config import Config
-    from .store import Keep
+    from .store import Prune, Records
 
 STOPPED = b"!stopped"
 ERRORS = b"!errors"
@@ -25,6 +38,9 @@ DOOR_PREFIX = b"!door:"  # each door's record: see doors.py
 DOORS_GRACE = 2  # seconds a live runner has to close its own door before a sweeper may
 MARKED = b"0 KILL proven while the store could not record it"  # what Store.mark stands for
 GRACE = 5  # seconds past COMM_TIMEOUT after which an unconfirmed charge is final
+LEVELS = (56, 48, 40, 32)  # the IPv6 prefixes that strikes aggregate into
+FANOUT = 16  # records with strikes just below a prefix that lock it
+FULL = "lockout store full: no new address is tracked, so none is served, until records expire"
 
 
 class Entry:
@@ -37,7 +53,11 @@ class Entry:
             self.strikes = self.errors = self.locked_since = self.last_seen = 0
             return
         parts = raw.split(b" ")
-        if len(parts) != 4 or not all(parts) or not raw.replace(b" ", b"").isdigit():
+        if (
+            len(parts) != 4
+            or not all(0 < len(p) <= 18 for p in parts)
+            or not raw.replace(b" ", b"").isdigit()
+        ):
             raise StoreCorrupt(f"lockout record does not parse: {raw[:60]!r}")
         self.strikes, self.errors, self.locked_since, self.last_seen = map(int, parts)
 
@@ -77,7 +97,68 @@ def refusal(
         return "service stopped: " + stopped.partition(b" ")[2].decode(errors="replace")
     if Entry(view.get(key)).locked_out(max_bad, expire, now):
         return "locked out"
+    for prefix in reversed(above(key)):  # the widest first: under a flood, it is the one locked
+        if Entry(view.get(prefix)).locked_out(FANOUT, expire, now):
+            return f"locked out with all of {prefix.decode()}"
     return None
+
+
+def above(key: bytes, levels: tuple[int, ...] = LEVELS) -> list[bytes]:
+    """Return the prefixes of ``levels`` holding ``key``, longest first (none for IPv4)."""
+    try:
+        return supernets(key, levels)
+    except (OSError, ValueError):
+        raise StoreCorrupt(f"record key is neither address nor prefix: {key[:60]!r}") from None
+
+
+def aggregate(key: bytes, cfg: "Config") -> bool:
+    """True for the record of a prefix that strikes below it aggregate into."""
+    bits = key.partition(b"/")[2]
+    return bits.isdigit() and int(bits) in LEVELS and int(bits) < cfg.ipv6_prefix
+
+
+def locked(key: bytes, entry: Entry, cfg: "Config", now: int) -> bool:
+    """True when the handler closes ``key``'s connections at once for its own record."""
+    limit = FANOUT if aggregate(key, cfg) else cfg.max_bad_conns
+    return entry.locked_out(limit, cfg.lockout_expire, now)
+
+
+def count_up(tx: Transaction, key: bytes, cfg: "Config", now: int) -> list[bytes]:
+    """Count ``key``'s new record in the prefixes above it; return those this locked."""
+    newly = []
+    for prefix in above(key):
+        raw = tx.get(prefix)
+        entry = Entry(raw)
+        if entry.lock_ran_out(cfg.lockout_expire, now):
+            entry.strikes = entry.locked_since = 0  # compaction counts the children again
+        entry.strikes += 1
+        entry.last_seen = now
+        if entry.strikes >= FANOUT and not entry.locked_since:
+            entry.locked_since = now
+            newly.append(prefix)
+        tx.put(prefix, entry.encode())
+        if raw is not None:
+            break  # the prefix itself was counted above when it was new
+    return newly
+
+
+def count_down(tx: Transaction, key: bytes) -> None:
+    """Take ``key``'s deleted record out of the count of the prefixes above it."""
+    for prefix in above(key):
+        raw = tx.get(prefix)
+        if raw is None:
+            return
+        entry = Entry(raw)
+        entry.strikes = max(0, entry.strikes - 1)
+        if entry.strikes or entry.locked_since:
+            tx.put(prefix, entry.encode())
+            return
+        tx.put(prefix, None)
+
+
+def total_errors(view: View | Transaction) -> int:
+    """Return the error total (MAX_TOTAL_ERRS counts it)."""
+    return number(view.get(ERRORS) or b"0", "the error total")
 
 
 def parse_doors(raw: bytes | None) -> tuple[int, list[bytes]]:
@@ -85,9 +166,9 @@ def parse_doors(raw: bytes | None) -> tuple[int, list[bytes]]:
     if raw is None:
         return 0, []
     earliest, *keys = raw.split(b" ")
-    if not earliest.isdigit() or not all(k.startswith(DOOR_PREFIX) for k in keys):
+    if not all(k.startswith(DOOR_PREFIX) for k in keys):
         raise StoreCorrupt(f"door index does not parse: {raw[:60]!r}")
-    return int(earliest), keys
+    return number(earliest, "the door index"), keys
 
 
 def doors_due(view: View | None, now: int) -> bool:
@@ -104,32 +185,46 @@ def stop(tx: Transaction, now: int, reason: str) -> None:
         tx.put(STOPPED, b"%d %s" % (now, reason.encode()))
 
 
-def charge(store: Store, key: bytes, cfg: "Config", now: int) -> tuple[str | None, str | None]:
-    """Charge one attempt to ``key`` before any salt is sent.
+class Charge:
+    """What :func:`charge` did: ``refused`` why the connection is closed instead (None:
+    charged), ``stopped`` why this very charge stopped the service, ``locked`` the
+    prefixes it locked."""
 
-    Returns (why the connection must be refused instead, None if charged;
-    why this very charge stopped the service, None if it did not).
-    """
+    __slots__ = ("refused", "stopped", "locked")
+
+    def __init__(self, refused: str | None = None, stopped: str | None = None) -> None:
+        self.refused = refused
+        self.stopped = stopped
+        self.locked: list[bytes] = []
+
+
+def charge(store: Store, key: bytes, cfg: "Config", now: int) -> Charge:
+    """Charge one attempt to ``key`` before any salt is sent."""
     with store.lock() as tx:
         why = refusal(tx, key, cfg.max_bad_conns, cfg.lockout_expire, now)
         if why is not None:
-            return why, None
+            return Charge(why)
         raw = tx.get(key)
         entry = Entry(raw)
         if entry.locked_since or now - entry.last_seen > cfg.strike_expire:
             entry.strikes = entry.locked_since = 0  # strikes expired, or a lock ran out
+        if raw is None and tx.v.full():
+            return Charge(FULL)
         if raw is None and cfg.exit_on_ipcache_full:
-            tracked = sum(1 for k in tx.items() if not k.startswith(b"!"))
+            tracked = tx.v.count()
             if tracked >= cfg.ipcache_size:
                 reason = f"address table full ({tracked} addresses, EXIT_ON_IPCACHE_FULL)"
                 stop(tx, now, reason)
-                return "service stopped: " + reason, reason
+                return Charge("service stopped: " + reason, reason)
         entry.strikes += 1
         entry.errors += 1
         entry.last_seen = now
         tx.put(key, entry.encode())
-        tx.put(ERRORS, b"%d" % (int(tx.get(ERRORS) or b"0") + 1))
-    return None, None
+        tx.put(ERRORS, b"%d" % (total_errors(tx) + 1))
+        done = Charge()
+        if raw is None:
+            done.locked = count_up(tx, key, cfg, now)
+    return done
 
 
 def refund(tx: Transaction, key: bytes, clear: bool = False) -> None:
@@ -138,12 +233,16 @@ def refund(tx: Transaction, key: bytes, clear: bool = False) -> None:
     Only the charge: a lock made meanwhile (``ostiary-lockout lock``) stays,
     and so does a record that still holds a strike, an error or a lock.
     """
-    entry = Entry(tx.get(key))
+    raw = tx.get(key)
+    entry = Entry(raw)
     entry.strikes = 0 if clear else max(0, entry.strikes - 1)
     entry.errors = max(0, entry.errors - 1)
-    keep = entry.strikes or entry.errors or entry.locked_since
-    tx.put(key, entry.encode() if keep else None)
-    tx.put(ERRORS, b"%d" % max(0, int(tx.get(ERRORS) or b"0") - 1))
+    if entry.strikes or entry.errors or entry.locked_since:
+        tx.put(key, entry.encode())
+    elif raw is not None:
+        tx.put(key, None)
+        count_down(tx, key)
+    tx.put(ERRORS, b"%d" % max(0, total_errors(tx) - 1))
 
 
 def succeed(store: Store, key: bytes) -> None:
@@ -184,7 +283,7 @@ def fail(store: Store, key: bytes, cfg: "Config", now: int) -> tuple[bool, str |
             tx.put(key, entry.encode())
             locked = True
         reason = None
-        total = int(tx.get(ERRORS) or b"0")
+        total = total_errors(tx)
         if cfg.max_single_errs and entry.errors > cfg.max_single_errs:
             reason = f"{key.decode()} passed MAX_SINGLE_ERRS ({entry.errors} errors)"
         elif cfg.max_total_errs and total > cfg.max_total_errs:
@@ -206,42 +305,104 @@ def stale_charge(view: View | None, key: bytes, cfg: "Config", now: int) -> bool
     )
 
 
-def keeper(cfg: "Config", now: int) -> "Keep":
-    """Return the compaction predicate ``keep(key, value)`` for the config's expiry.
+def pruner(cfg: "Config", now: int) -> "Prune":
+    """Return what a compaction keeps, ``prune(records)``, for the config's expiry.
 
     Strikes of an address never locked expire STRIKE_EXPIRE seconds after it
     was last seen; a lock expires LOCKOUT_EXPIRE seconds after it began (0:
-    never); ``!`` records (the stopped state, the error total) stay.
+    never); ``!`` records (the stopped state, the error total) stay. A
+    prefix's record lives while a record below it does, its strikes counted
+    again from them, or while it is locked. Two passes over the records:
+    memory grows with the prefixes only.
     """
 
-    def keep(key: bytes, value: bytes) -> bool:
-        if key.startswith(b"!"):
-            return True
-        entry = Entry(value)
+    def lives(entry: Entry) -> bool:
         if entry.locked_since:
             return not entry.lock_ran_out(cfg.lockout_expire, now)
-        return bool(now - entry.last_seen <= cfg.strike_expire)
+        return now - entry.last_seen <= cfg.strike_expire
 
-    return keep
+    def prune(records: "Records") -> "Iterator[tuple[bytes, bytes]]":
+        below: dict[tuple[int, int], list[int]] = {}  # prefix -> [live records below, newest]
+        prefixes: list[tuple[int, bytes, Entry]] = []
+        dropped: set[bytes] = set()
+        for key, value in records():
+            if key.startswith(b"!"):
+                continue
+            entry = Entry(value)
+            if aggregate(key, cfg):
+                prefixes.append((-int(key.partition(b"/")[2]), key, entry))
+                dropped.add(key)  # unless it is kept below
+            elif not lives(entry):
+                dropped.add(key)
+            elif b"/" in key:
+                tally(below, key, entry.last_seen)
+        kept: dict[bytes, bytes] = {}
+        for _, key, entry in sorted(prefixes):  # the longest prefixes first
+            count, seen = below.get(network(key), (0, 0))
+            if entry.lock_ran_out(cfg.lockout_expire, now):
+                entry.locked_since = 0
+            if count >= FANOUT and not entry.locked_since:
+                entry.locked_since = now  # struck below as much as a lock takes
+            if count or entry.locked_since:
+                entry.strikes, entry.last_seen = count, max(seen, entry.last_seen)
+                kept[key] = entry.encode()
+                tally(below, key, entry.last_seen)
+        for key, value in records():
+            if key in kept:
+                yield key, kept[key]
+            elif key not in dropped:
+                yield key, value
+
+    return prune
+
+
+def network(key: bytes) -> tuple[int, int]:
+    """Return (prefix length, network number) of IPv6 key ``key``."""
+    try:
+        n, bits = prefix_number(key)
+    except (OSError, ValueError):
+        raise StoreCorrupt(f"record key is neither address nor prefix: {key[:60]!r}") from None
+    return bits, n >> (128 - bits)
+
+
+def tally(below: dict[tuple[int, int], list[int]], key: bytes, seen: int) -> None:
+    """Count a surviving record under the prefix of :data:`LEVELS` just above it, in ``below``."""
+    bits, n = network(key)
+    for level in LEVELS:  # the longest first
+        if level < bits:
+            counted = below.setdefault((level, n >> (bits - level)), [0, 0])
+            counted[0] += 1
+            counted[1] = max(counted[1], seen)
+            return
 
 
 def unlock(store: Store, key: bytes) -> Entry | None:
-    """Forget ``key`` (strikes, errors, lock); return its record, None if it had none."""
+    """Forget ``key`` (strikes, errors, lock); return its record, None if it had none.
+
+    For a prefix, the records under it go too: the operator trusts it again.
+    """
     with store.lock() as tx:
         raw = tx.get(key)
         if raw is not None:
+            if b"/" in key:
+                for below in [k for k in tx.items() if key in above(k)]:
+                    tx.put(below, None)
             tx.put(key, None)
+            count_down(tx, key)
     return None if raw is None else Entry(raw)
 
 
-def lock(store: Store, key: bytes, now: int) -> int:
+def lock(store: Store, key: bytes, cfg: "Config", now: int) -> int:
     """Lock ``key`` out from ``now`` on; if it was locked already, return since when (else 0)."""
     with store.lock() as tx:
-        entry = Entry(tx.get(key))
+        raw = tx.get(key)
+        entry = Entry(raw)
         if entry.locked_since:
             return entry.locked_since
         entry.locked_since = now
         tx.put(key, entry.encode())
+        if raw is None:
+            count_up(tx, key, cfg, now)
     return 0
 
 

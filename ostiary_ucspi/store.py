@@ -5,6 +5,7 @@ For ``LOCKOUT_DB=/var/lib/ostiary/lockout.cdb`` the files are::
     lockout.cdb          snapshot, a CDB read with pure-cdb; key "!gen" = generation
     lockout.cdb.journal  "ostiary-journal GEN\\n", then lines "KEY VALUE CRC32\\n"
     lockout.cdb.lock     flock()ed by every writer, and only by writers
+    lockout.cdb.compact  flock()ed by the one compaction at a time
 
 A journal line holds a key's whole new value (not a change), so the last line
 for a key wins; the value ``-`` deletes. A line's CRC-32 covers the journal
@@ -18,14 +19,25 @@ journal, and search it from the end.
 
 When the journal outgrows a sixteenth of the snapshot (at least 16 KiB, at
 most 128 KiB), the writer that grew it folds it in afterwards
-(:meth:`Store.compact_due`, once its client is gone), dropping what ``keep`` rejects: a new
-snapshot of generation N+1 (temp file, fsync, rename, fsync of the directory),
-then an empty journal of generation N+1 (the same way). A journal one
-generation behind its snapshot was already folded in, so a crash between the
-two renames loses nothing. A journal whose tail a crash left unfinished is
-rewritten (the same way) by the next writer before it appends. Anything else
-that does not parse is corruption, which :class:`StoreCorrupt` reports and
-callers treat as "refuse everyone".
+(:meth:`Store.compact_due`, once its client is gone), without the writers'
+lock: under the compactors' lock ``NAME.compact`` it reads a view, streams
+its records through ``prune`` into a new snapshot of generation N+1 (temp
+file, fsync) whose key ``!from`` holds P, where the journal's acknowledged
+part ended. Writers append meanwhile. Then, under the writers' lock and
+only for as long as one writer holds it, the new snapshot is renamed in
+(fsync of the directory) and the journal is replaced by generation N+1
+holding what was appended past P (the same way). Snapshot N+1 with journal
+N means "journal N from byte P on", so a crash between the two renames
+loses nothing, and the next writer rewrites that journal as generation N+1
+before it appends, as it does a journal whose tail a crash left unfinished.
+A compaction killed or failing anywhere leaves the store as it was,
+serving. Anything else that does not parse is corruption, which
+:class:`StoreCorrupt` reports and callers treat as "refuse everyone".
+
+Every store file is at most MAX_FILE bytes: readers call a larger one
+corrupt, writers write none, and :meth:`View.full` tells the policy to
+take no new key once snapshot and journal pass half of it, so a compaction
+always fits.
 
 Root never works in the state directory as root when someone else owns it
 (:class:`StateDir`): it reaches the directory without following a link,
@@ -43,27 +55,31 @@ import errno
 import os
 import stat
 import zlib
-from fcntl import LOCK_EX, flock
+from fcntl import LOCK_EX, LOCK_NB, flock
 from mmap import ACCESS_READ, mmap
 
 from .cdb import HEADER_LEN, CdbError, Reader
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Iterator
     from types import TracebackType
     from typing import BinaryIO
 
-    Keep = Callable[[bytes, bytes], bool]
+    Records = Callable[[], Iterator[tuple[bytes, bytes]]]
+    Prune = Callable[[Records], Iterable[tuple[bytes, bytes]]]
 
 MAGIC = b"ostiary-journal "
 GEN_KEY = b"!gen"
+FROM_KEY = b"!from"  # in snapshot N+1: where in journal N its fold ended
+COUNT_KEY = b"!count"  # in a snapshot: how many of its keys do not start with "!"
+SNAPSHOT_KEYS = (GEN_KEY, FROM_KEY, COUNT_KEY)  # the snapshot's own: not records
 DELETED = b"-"
 MORE = b"+"
 MIN_JOURNAL = 16 * 1024
 MAX_JOURNAL = 128 * 1024
 JOURNAL_SHARE = 16  # the journal may grow to this fraction of the snapshot
-MAX_FILE = 1 << 30  # the largest store file: readers call a larger one corrupt, writers write none
+MAX_FILE = 64 << 20  # the largest store file: readers call a larger one corrupt, writers write none
 
 
 class StoreError(Exception):
@@ -72,6 +88,13 @@ class StoreError(Exception):
 
 class StoreCorrupt(StoreError):
     """A store file does not parse: fail closed."""
+
+
+def number(raw: bytes, what: str) -> int:
+    """Return the decimal number ``raw`` of a store record (1 to 18 digits); else StoreCorrupt."""
+    if not (0 < len(raw) <= 18 and raw.isdigit()):
+        raise StoreCorrupt(f"{what} does not parse: {raw[:60]!r}")
+    return int(raw)
 
 
 def journal_lines(pending: dict[bytes, bytes], crc: int) -> bytes:
@@ -95,12 +118,14 @@ class Journal:
     """The acknowledged part of a journal file, checked from its first byte to its last.
 
     ``data[:end]`` is what acknowledged transactions wrote, ``crc`` its CRC-32;
-    ``torn``: the file goes on past it (a crash cut a write short).
+    ``torn``: the file goes on past it (a crash cut a write short). Its
+    records are those from byte ``start`` on (0: all; see ``!from``).
     """
 
-    def __init__(self, data: bytes, name: str) -> None:
+    def __init__(self, data: bytes, name: str, start: int = 0) -> None:
         head_end = data.find(b"\n")
-        if not data.startswith(MAGIC) or head_end < 0 or not data[len(MAGIC) : head_end].isdigit():
+        gen = data[len(MAGIC) : head_end]
+        if not data.startswith(MAGIC) or head_end < 0 or not gen.isdigit() or len(gen) > 18:
             raise StoreCorrupt(f"{name}: bad journal header")
         end = data.rfind(b"\n") + 1
         while end > head_end + 1 and data[end - 2 : end - 1] == MORE:
@@ -112,10 +137,16 @@ class Journal:
             crc = zlib.crc32(data[end - 9 : end], crc)
         else:
             crc = zlib.crc32(data[:end])
+        if start and not (
+            head_end < start <= end
+            and data[start - 1 : start] == b"\n"
+            and data[start - 2 : start - 1] != MORE
+        ):
+            raise StoreCorrupt(f"{name}: the snapshot's fold ends where no transaction does")
         self.name = name
-        self.gen = int(data[len(MAGIC) : head_end])
+        self.gen = int(gen)
         self.data = data
-        self.head_end = head_end
+        self.head_end = max(head_end, start - 1)  # the newline before the first record
         self.end = end
         self.crc = crc
         self.torn = len(data) != end
@@ -171,14 +202,40 @@ class View:
 
     def items(self) -> dict[bytes, bytes]:
         """Return every live key and value (the snapshot with the journal folded in)."""
+        return dict(self.records())
+
+    def records(self) -> "Iterator[tuple[bytes, bytes]]":
+        """Yield every live key and value, the snapshot's first, holding only the journal's."""
+        changed = {} if self.journal is None else dict(self.journal.records())
         try:
-            items = dict(self.reader.items())
+            for key, value in self.reader.items():
+                if key not in changed and key not in SNAPSHOT_KEYS:
+                    yield key, value
         except CdbError as e:
             raise StoreCorrupt(f"{self.path}: {e}") from None
-        del items[GEN_KEY]
-        if self.journal is not None:
-            items.update(self.journal.records())
-        return {k: v for k, v in items.items() if v != DELETED}
+        for key, value in changed.items():
+            if value != DELETED:
+                yield key, value
+
+    def size(self) -> int:
+        """Return the bytes of snapshot and journal."""
+        return len(self.reader.data) + (0 if self.journal is None else len(self.journal.data))
+
+    def full(self) -> bool:
+        """True once the store is past half of MAX_FILE: then it takes no new key."""
+        return self.size() > MAX_FILE // 2
+
+    def count(self) -> int:
+        """Return how many live keys do not start with ``!`` (addresses and prefixes)."""
+        raw = self.reader.get(COUNT_KEY)
+        if raw is None:  # a snapshot of 0.2.0: count them
+            return sum(1 for k, _ in self.records() if not k.startswith(b"!"))
+        n = number(raw, f"{self.path}: its !count record")
+        for key, value in ({} if self.journal is None else dict(self.journal.records())).items():
+            if not key.startswith(b"!"):
+                before = self.reader.get(key) is not None
+                n += (value != DELETED) - before
+        return n
 
 
 FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # no link followed; a FIFO must not hang us
@@ -272,15 +329,16 @@ class StateDir:
 class Store:
     """Reader and writer of one lockout store.
 
-    ``keep(key, value)`` decides what survives the compactions that writes
-    trigger (None keeps everything); ``editor``: see :class:`StateDir`.
+    ``prune(records)`` returns what survives a compaction, ``records()``
+    yielding the store's records afresh at each call (None keeps everything);
+    ``editor``: see :class:`StateDir`.
     """
 
-    def __init__(self, path: str, keep: "Keep | None" = None, editor: int = 0) -> None:
+    def __init__(self, path: str, prune: "Prune | None" = None, editor: int = 0) -> None:
         self.path = path
         self.journal = path + ".journal"
         self.name = os.path.basename(path)
-        self.keep = keep
+        self.prune = prune
         self.editor = editor
         self.due = False  # a write of ours left the journal past its threshold
         self.last_view: View | None = None  # the newest view() returned, for a read that may lag
@@ -363,19 +421,24 @@ class Store:
             except CdbError as e:
                 raise StoreCorrupt(f"{self.path}: {e}") from None
             gen_raw = reader.get(GEN_KEY)
-            if gen_raw is None or not gen_raw.isdigit():
+            if gen_raw is None:
                 raise StoreCorrupt(f"{self.path}: no generation record")
-            gen = int(gen_raw)
+            gen = number(gen_raw, f"{self.path}: its generation record")
             jdata = self._read(dfd, jname)
             if jdata is None:
                 self.last_view = View(self.path, reader, gen, None, marked)
                 return self.last_view
-            journal = Journal(jdata, self.journal)
-            jgen = journal.gen
-            if jgen in (gen, gen - 1):  # one behind: folded into this snapshot already
-                self.last_view = View(
-                    self.path, reader, gen, journal if jgen == gen else None, marked
-                )
+            found = Journal(jdata, self.journal)
+            jgen = found.gen
+            journal: Journal | None = found
+            if jgen == gen - 1:  # one behind: folded into this snapshot up to !from
+                start = reader.get(FROM_KEY)
+                if start is None:  # folded in whole (a snapshot of 0.2.0)
+                    journal = None
+                else:
+                    journal = Journal(jdata, self.journal, number(start, "its !from record"))
+            if jgen in (gen, gen - 1):
+                self.last_view = View(self.path, reader, gen, journal, marked)
                 return self.last_view
             try:
                 again = os.stat(self.name, dir_fd=dfd, follow_symlinks=False)
@@ -404,7 +467,7 @@ class Store:
                     f"state directory {d}: mode {dst.st_mode & 0o7777:o} keeps its "
                     f"owner from creating files in it: chmod u+rwx {d}"
                 )
-            for path in (self.path, self.journal, self.path + ".lock"):
+            for path in (self.path, self.journal, self.path + ".lock", self.path + ".compact"):
                 try:
                     st = os.stat(os.path.basename(path), dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
@@ -421,14 +484,15 @@ class Store:
                         f"(mode {st.st_mode & 0o7777:o}): chmod u+rw {path}"
                     )
 
-    def lock(self, durable: bool = True) -> "Transaction":
+    def lock(self, durable: bool = True, dfd: int = -1) -> "Transaction":
         """Take the writers' lock and return a transaction (a context manager).
 
         ``durable=False`` skips the journal's fdatasync: for updates whose loss
         in a power cut errs on the safe side (a refund), and a later durable
-        append to the same journal flushes them too.
+        append to the same journal flushes them too. ``dfd``: the state
+        directory, entered already.
         """
-        return Transaction(self, durable)
+        return Transaction(self, durable, dfd)
 
     def mark(self) -> None:
         """Create the empty file NAME.stopped, which needs no free block, for what cannot wait.
@@ -457,11 +521,69 @@ class Store:
         if not self.due:
             return None
         self.due = False
-        with self.lock() as tx:
-            journal = tx.v.journal
-            if journal is None or journal.end <= journal_threshold(len(tx.v.reader.data)):
+        view = self.view()
+        if view is None or view.journal is None:
+            return None
+        if view.journal.end <= journal_threshold(len(view.reader.data)):
+            return None
+        return self.compact(wait=False)
+
+    def compact(self, prune: "Prune | None" = None, wait: bool = True) -> int | None:
+        """Fold the journal into a new snapshot, holding the writers' lock only for the swap.
+
+        ``prune`` defaults to the store's. ``wait``: for a compaction already
+        running, else return None at once. Returns the number of records
+        written, or None when none was: another compaction ran, or the store
+        was moved aside meanwhile. Writers go on appending throughout.
+        """
+        prune = prune or self.prune
+        with self.state_dir() as dfd, Lock(dfd, self.path + ".compact", wait) as compacting:
+            if not compacting.held:
                 return None
-            return tx.compact()
+            with self.lock(dfd=dfd) as tx:  # nobody else writes a temp file now
+                remove_stale_temps(dfd, self)
+                tx.settle()
+                view = tx.v
+            folded = view.journal
+            if folded is None:
+                raise StoreError(f"{self.journal}: missing after it was settled")
+            fold = folded.end
+            written = [0, 0]  # records, of which addresses and prefixes
+
+            def snapshot() -> "Iterator[tuple[bytes, bytes]]":
+                yield GEN_KEY, b"%d" % (view.gen + 1)
+                for key, value in view.records() if prune is None else prune(view.records):
+                    written[0] += 1
+                    written[1] += not key.startswith(b"!")
+                    yield key, value
+                yield FROM_KEY, b"%d" % fold
+                yield COUNT_KEY, b"%d" % written[1]
+
+            from .cdb import write_cdb
+
+            tmp = write_temp(dfd, self.path, lambda f: write_cdb(f, snapshot(), MAX_FILE))
+            try:
+                with self.lock(dfd=dfd) as tx:
+                    now = tx.v.journal
+                    if (
+                        tx.v.gen != view.gen
+                        or now is None
+                        or now.gen != view.gen
+                        or now.data[:fold] != folded.data[:fold]
+                    ):  # moved aside (reset), or rewritten: this fold is void
+                        return None
+                    install(dfd, tmp, self.path)
+                    tmp = ""
+                    tail = dict(Journal(now.data, self.journal, fold).records())
+                    head = MAGIC + b"%d\n" % (view.gen + 1)
+                    tx._write_journal(
+                        head + (journal_lines(tail, zlib.crc32(head)) if tail else b"")
+                    )
+                    tx.view = self._view(dfd)
+            finally:
+                if tmp:
+                    unlink_quietly(dfd, tmp)
+        return written[0]
 
     def set_aside(self, suffix: str) -> list[str]:
         """Under the writers' lock, rename the snapshot and journal to NAME + ``suffix``.
@@ -469,7 +591,11 @@ class Store:
         The next writer starts an empty store. Returns the new names.
         """
         moved = []
-        with self.state_dir() as dfd, Lock(dfd, self.path + ".lock"):
+        with (
+            self.state_dir() as dfd,
+            Lock(dfd, self.path + ".compact"),
+            Lock(dfd, self.path + ".lock"),
+        ):
             for path in (self.path, self.journal):
                 name = os.path.basename(path)
                 if exists(dfd, name):
@@ -492,22 +618,28 @@ def exists(dfd: int, name: str) -> bool:
 
 
 class Lock:
-    """The writers' lock, held from ``__enter__`` to ``__exit__``."""
+    """A lock file's flock, held from ``__enter__`` to ``__exit__`` (``wait``: else ``held``)."""
 
-    def __init__(self, dfd: int, path: str) -> None:
+    def __init__(self, dfd: int, path: str, wait: bool = True) -> None:
         self.dfd = dfd
         self.path = path
+        self.wait = wait
+        self.held = False
         self.fd = -1
 
     def __enter__(self) -> "Lock":
         name = os.path.basename(self.path)
         try:
-            try:
-                self.fd = os.open(name, os.O_RDWR | FLAGS, dir_fd=self.dfd)
-            except FileNotFoundError:  # the first writer creates it
-                self.fd = os.open(
-                    name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600, dir_fd=self.dfd
-                )
+            while self.fd < 0:
+                try:
+                    self.fd = os.open(name, os.O_RDWR | FLAGS, dir_fd=self.dfd)
+                except FileNotFoundError:  # the first writer creates it
+                    try:
+                        self.fd = os.open(
+                            name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, 0o600, dir_fd=self.dfd
+                        )
+                    except FileExistsError:  # another first writer did: open that
+                        continue
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise StoreCorrupt(f"{self.path}: a symbolic link, not a store file") from None
@@ -515,7 +647,10 @@ class Lock:
         try:
             if not stat.S_ISREG(os.fstat(self.fd).st_mode):
                 raise StoreCorrupt(f"{self.path}: not a regular file")
-            flock(self.fd, LOCK_EX)
+            flock(self.fd, LOCK_EX if self.wait else LOCK_EX | LOCK_NB)
+            self.held = True
+        except BlockingIOError:
+            pass  # not held: someone else holds it
         except OSError as e:
             os.close(self.fd)
             raise StoreError(f"unable to lock {self.path}: {e.strerror}") from None
@@ -537,15 +672,12 @@ MARK = ".stopped"  # NAME.stopped: see Store.mark
 TMP = ".tmp."  # NAME.tmp.RANDOM: a temporary file of NAME
 
 
-def replace(dfd: int, path: str, write: "Callable[[BinaryIO], object]") -> None:
-    """Atomically replace ``path`` in ``dfd`` by what ``write(file)`` writes.
+def write_temp(dfd: int, path: str, write: "Callable[[BinaryIO], object]") -> str:
+    """Write a new temporary file of ``path`` in ``dfd`` with ``write(file)``; return its name.
 
-    A new temporary file of a random name (``O_EXCL``, so never one someone
-    else made), fsync, rename, fsync of the directory.
+    A random name and ``O_EXCL``, so never a file someone else made; synced.
     """
-    name = os.path.basename(path)
-    tmp = name + TMP + os.urandom(8).hex()
-    renamed = False
+    tmp = os.path.basename(path) + TMP + os.urandom(8).hex()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FLAGS, 0o640, dir_fd=dfd)
         try:
@@ -553,28 +685,47 @@ def replace(dfd: int, path: str, write: "Callable[[BinaryIO], object]") -> None:
                 write(f)
                 f.flush()
                 os.fsync(fd)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            renamed = True
-            os.fsync(dfd)
-        finally:
-            if not renamed:
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except OSError:
-                    pass
+        except BaseException:
+            unlink_quietly(dfd, tmp)
+            raise
+    except OSError as e:
+        raise StoreError(f"unable to write {path}: {e.strerror or e}") from None
+    return tmp
+
+
+def install(dfd: int, tmp: str, path: str) -> None:
+    """Rename temporary file ``tmp`` over ``path`` in ``dfd``, then sync the directory."""
+    try:
+        os.rename(tmp, os.path.basename(path), src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
     except OSError as e:
         raise StoreError(f"unable to write {path}: {e.strerror or e}") from None
 
 
+def replace(dfd: int, path: str, write: "Callable[[BinaryIO], object]") -> None:
+    """Atomically replace ``path`` in ``dfd`` by what ``write(file)`` writes."""
+    tmp = write_temp(dfd, path, write)
+    try:
+        install(dfd, tmp, path)
+    except BaseException:
+        unlink_quietly(dfd, tmp)
+        raise
+
+
+def unlink_quietly(dfd: int, name: str) -> None:
+    """Remove ``name`` from ``dfd`` if it is there."""
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
 def remove_stale_temps(dfd: int, store: "Store") -> None:
-    """Remove temporary files a killed writer left behind; callers hold the lock."""
+    """Remove temporary files a killed writer left behind; callers hold both locks."""
     prefixes = (store.name + TMP, store.name + ".journal" + TMP)
     for name in os.listdir(dfd):
         if name.startswith(prefixes):
-            try:
-                os.unlink(name, dir_fd=dfd)
-            except OSError:
-                pass
+            unlink_quietly(dfd, name)
 
 
 def journal_threshold(snapshot_size: int) -> int:
@@ -585,12 +736,12 @@ def journal_threshold(snapshot_size: int) -> int:
 class Transaction:
     """Reads see the store as of the lock; puts are written together on exit."""
 
-    def __init__(self, store: Store, durable: bool = True) -> None:
+    def __init__(self, store: Store, durable: bool = True, dfd: int = -1) -> None:
         self.store = store
         self.durable = durable
         self.pending: dict[bytes, bytes] = {}
-        self.dir = store.state_dir()
-        self.dfd = -1
+        self.dir = None if dfd >= 0 else store.state_dir()
+        self.dfd = dfd
         self.lock: Lock | None = None
         self.view: View | None = None
 
@@ -602,12 +753,13 @@ class Transaction:
         return self.view
 
     def __enter__(self) -> "Transaction":
-        self.dfd = self.dir.__enter__()
+        if self.dir is not None:
+            self.dfd = self.dir.__enter__()
         try:
             self.lock = Lock(self.dfd, self.store.path + ".lock").__enter__()
             self.view = self.store._view(self.dfd)
             if self.view is None:
-                self._write_snapshot({}, 1)
+                self._create()
         except BaseException:
             self._release()
             raise
@@ -620,7 +772,8 @@ class Transaction:
                 self.lock.__exit__(None, None, None)
                 self.lock = None
         finally:
-            self.dir.__exit__(None, None, None)
+            if self.dir is not None:
+                self.dir.__exit__(None, None, None)
 
     @property
     def marked(self) -> bool:
@@ -682,8 +835,10 @@ class Transaction:
         view = self.v
         jpath = self.store.journal
         journal = view.journal
-        if journal is not None and not journal.torn:
+        if journal is not None and not journal.torn and journal.gen == view.gen:
             lines = journal_lines(self.pending, journal.crc)
+            if journal.end + len(lines) > MAX_FILE:
+                raise StoreError(f"{jpath}: full ({journal.end} bytes): compact the store")
             try:
                 fd = os.open(
                     os.path.basename(jpath), os.O_WRONLY | os.O_APPEND | FLAGS, dir_fd=self.dfd
@@ -693,38 +848,53 @@ class Transaction:
                         raise StoreError(f"short write to {jpath}")
                     if self.durable:
                         os.fdatasync(fd)
+                except BaseException:  # unacknowledged, so it must not count: cut it off
+                    try:
+                        os.ftruncate(fd, journal.end)
+                    except OSError:
+                        pass
+                    raise
                 finally:
                     os.close(fd)
             except OSError as e:
                 raise StoreError(f"unable to append to {jpath}: {e.strerror}") from None
             size = journal.end + len(lines)  # we hold the lock: nobody else appended
         else:  # a crash left no journal of this generation, or an unfinished tail
-            head = MAGIC + b"%d\n" % view.gen if journal is None else journal.data[: journal.end]
-            size = self._write_journal(head + journal_lines(self.pending, zlib.crc32(head)))
+            size = self._write_journal(self._settled(self.pending))
         self.store.due = size > journal_threshold(len(view.reader.data))
         self.pending.clear()
 
-    def compact(self, keep: "Keep | None" = None) -> int:
-        """Fold the journal into a new snapshot, dropping what ``keep(key, value)`` rejects.
+    def _settled(self, pending: dict[bytes, bytes]) -> bytes:
+        """Return a journal of this generation: what the view's holds, then ``pending``.
 
-        ``keep`` defaults to the store's. Returns the number of entries written.
-        Callers hold the lock (inside ``with``); pending puts are written too.
+        An unfinished tail is cut off, keeping the rest byte for byte (a
+        compaction may be reading up to its offset); a journal one generation
+        behind is rewritten from its ``!from`` on.
         """
-        keep = keep or self.store.keep
-        items = self.items()
-        self.pending.clear()
-        if keep is not None:
-            items = {k: v for k, v in items.items() if keep(k, v)}
-        self._write_snapshot(items, self.v.gen + 1)
-        return len(items)
+        view = self.v
+        journal = view.journal
+        if journal is not None and journal.gen == view.gen:
+            head = journal.data[: journal.end]
+            return head + (journal_lines(pending, zlib.crc32(head)) if pending else b"")
+        head = MAGIC + b"%d\n" % view.gen
+        records = {} if journal is None else dict(journal.records())
+        records.update(pending)
+        return head + (journal_lines(records, zlib.crc32(head)) if records else b"")
 
-    def _write_snapshot(self, items: dict[bytes, bytes], gen: int) -> None:
-        records = [(GEN_KEY, b"%d" % gen), *items.items()]
+    def settle(self) -> None:
+        """Rewrite a journal that is missing, behind or torn, so writers may append to it."""
+        journal = self.v.journal
+        if journal is None or journal.torn or journal.gen != self.v.gen:
+            self._write_journal(self._settled({}))
+            self.view = self.store._view(self.dfd)
+
+    def _create(self) -> None:
+        """Write the first, empty snapshot (generation 1) and its journal."""
         from .cdb import write_cdb
 
-        remove_stale_temps(self.dfd, self.store)
+        records = [(GEN_KEY, b"1"), (COUNT_KEY, b"0")]
         replace(self.dfd, self.store.path, lambda f: write_cdb(f, records, MAX_FILE))
-        self._write_journal(MAGIC + b"%d\n" % gen)
+        self._write_journal(MAGIC + b"1\n")
         self.view = self.store._view(self.dfd)
 
     def _write_journal(self, data: bytes) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sysconfig
@@ -22,6 +23,15 @@ def require_tool(name: str) -> str:
             pytest.fail(msg + "; CI must have it")
         pytest.skip(msg)
     return path
+
+
+def require_module(name: str, install: str) -> None:
+    """Skip unless Python module ``name`` can be imported (``install`` says how); fail under CI."""
+    if importlib.util.find_spec(name) is None:
+        msg = f"the Python module {name} is not installed ({install})"
+        if IN_CI:
+            pytest.fail(msg + "; CI must have it")
+        pytest.skip(msg)
 
 
 def project_tool(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import signal
@@ -112,6 +113,30 @@ def test_output_and_exit_status_are_logged(rig: Rig):
     assert bad[0].startswith("ostiary-handle: error: ")
     rig.wait_log(f"127.0.0.1 {rig.bin}/open: open says hello to 127.0.0.1")
     rig.wait_log(f"127.0.0.1 {rig.bin}/fails: fails complains on stderr")
+
+
+def test_an_action_that_cannot_be_executed_is_one_error_line(rig: Rig):
+    (rig.bin / "open").write_text("#!/nonexistent/interpreter\n")
+    assert len(rig.handle(OPEN)[0]) == SALT_LEN
+    assert rig.wait_log("not started") == [
+        f"ostiary-handle: error: 127.0.0.1 action 1 {rig.bin}/open not started: "
+        f"unable to execute it: {os.strerror(errno.ENOENT)}"
+    ]
+    others = [x for x in rig.lines() if "not started" not in x]
+    assert len(others) == 1 and "/open starting as uid " in others[0], others  # no exit 127
+
+
+def test_a_runner_that_cannot_fork_refuses_with_nothing_left_open(monkeypatch):
+    from ostiary_ucspi.actions import ActionRefused, run
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(ActionRefused, match=f"^unable to fork: {os.strerror(errno.EAGAIN)}$"):
+        run("/bin/true", "192.0.2.1", os.getuid(), os.getgid(), print)
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_long_action_is_detached_from_the_handler(rig: Rig):

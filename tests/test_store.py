@@ -16,19 +16,22 @@ import zlib
 
 import pytest
 from cdblib import Reader
+from conftest import ROOT
 from kit.damage import REPORTED, write_at
 from kit.damage import journal as journal_of
 
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.address import key as address_key
+from ostiary_ucspi.cdb import write_cdb
 from ostiary_ucspi.config import parse
 from ostiary_ucspi.policy import (
     ERRORS,
     STOPPED,
     Entry,
     charge,
+    doors_due,
     fail,
-    keeper,
+    pruner,
     refusal,
     stop,
     succeed,
@@ -36,6 +39,7 @@ from ostiary_ucspi.policy import (
 from ostiary_ucspi.store import Store, StoreCorrupt, StoreError, journal_lines
 
 NOW = 1_700_000_000
+FOUND = ROOT / "tests" / "fuzz" / "corpus" / "journal"  # crash-*: see the README there
 
 
 def config(extra: str = ""):
@@ -106,8 +110,7 @@ def test_puts_reach_the_journal_then_a_compaction_folds_them_in(path):
     assert (view.get(b"a"), view.get(b"b"), view.get(b"c")) == (b"3", None, b"")
     assert view.items() == {b"a": b"3", b"c": b""}
     assert Reader(open(path, "rb").read()).get(b"a") is None  # still only in the journal
-    with Store(path).lock() as tx:
-        assert tx.compact() == 2
+    assert Store(path).compact() == 2
     assert journal(path) == b"ostiary-journal 2\n"
     plain = Reader(open(path, "rb").read())  # pure-cdb's own reader
     assert (plain.get(b"!gen"), plain.get(b"a"), plain.get(b"b"), plain.get(b"c")) == (
@@ -141,7 +144,7 @@ def test_charges_are_synced_to_disk_and_refunds_are_not(path, monkeypatch):
     with store.lock() as tx:  # the journal exists: what follows are appends
         tx.put(b"10.0.0.9", b"x")
     synced.clear()
-    assert charge(store, b"10.0.0.1", cfg, 1000) == (None, None)
+    assert charge(store, b"10.0.0.1", cfg, 1000).refused is None
     assert len(synced) == 1
     succeed(store, b"10.0.0.1")
     assert len(synced) == 1
@@ -186,7 +189,7 @@ def test_snapshot_reader_agrees_with_pure_cdb(path):
     with Store(path).lock() as tx:
         for k, v in items.items():
             tx.put(k, v)
-        tx.compact()
+    Store(path).compact()
     view = Store(path).view()
     plain = Reader(open(path, "rb").read())
     for k in list(items)[:500] + [b"39.160.226.88", b"nope", b"1.1.1.1"]:
@@ -221,6 +224,25 @@ def test_a_damaged_store_is_reported_corrupt(path, damage, message):
     with pytest.raises(StoreCorrupt, match=message):
         with Store(path).lock():
             pass
+
+
+def test_a_journal_generation_too_long_is_corrupt(path):
+    """5,000 digits: once a ValueError (Python's int() refuses over 4,300)."""
+    put(path, a=b"1")
+    journal_of(path).write_bytes((FOUND / "crash-long-generation").read_bytes())
+    for read in (lambda: Store(path).view(), lambda: Store(path).lock().__enter__()):
+        with pytest.raises(StoreCorrupt, match="lockout.cdb.journal: bad journal header"):
+            read()
+
+
+def test_a_lockout_record_with_a_field_too_long_is_corrupt(path):
+    """A checksummed record of 192.0.2.8 whose strikes have 5,000 digits: once a ValueError."""
+    put(path, a=b"1")
+    journal_of(path).write_bytes((FOUND / "crash-long-record").read_bytes())
+    view = Store(path).view()
+    assert view.get(b"192.0.2.8").startswith(b"1" * 5000 + b" ")
+    with pytest.raises(StoreCorrupt, match="lockout record does not parse"):
+        refusal(view, b"192.0.2.8", 3)
 
 
 @pytest.mark.parametrize("line, byte", [(1, b"7"), (1, b"x"), (2, b"3"), (3, b"0")])
@@ -289,7 +311,7 @@ def crash_at(path: str, victim: str, after: int) -> None:
         setattr(os, victim, dying)
         with Store(path).lock() as tx:
             tx.put(b"pending", b"folded in")
-            tx.compact()
+        Store(path).compact()
 
     assert wait(fork(child)) == -signal.SIGKILL
 
@@ -314,10 +336,72 @@ def test_crash_between_the_two_renames_leaves_a_folded_journal(path):
     assert Store(path).view().gen == 2
     assert journal(path).startswith(b"ostiary-journal 1\na 1 ")
     view = Store(path).view()
-    assert view.journal is None and view.items() == {b"a": b"1", b"pending": b"folded in"}
+    assert view.journal.records() == []  # journal 1 holds nothing past snapshot 2's !from
+    assert view.items() == {b"a": b"1", b"pending": b"folded in"}
     put(path, b=b"2")  # writes a journal of generation 2
     assert journal(path).startswith(b"ostiary-journal 2\n")
     assert Store(path).view().items() == {b"a": b"1", b"pending": b"folded in", b"b": b"2"}
+
+
+def late_writer(monkeypatch, path: str, **late: bytes) -> None:
+    """Make the first fsync (the new snapshot's, before the swap) be followed by ``put(**late)``.
+
+    The put takes the writers' lock: were the compaction holding it, the test would hang.
+    """
+    real = os.fsync
+    done: list[int] = []
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        if not done:
+            done.append(fd)
+            put(path, **late)
+
+    monkeypatch.setattr(storemod.os, "fsync", fsync)
+
+
+def test_writers_append_while_a_compaction_builds_and_nothing_is_lost(path, monkeypatch):
+    put(path, a=b"1", b=b"1")
+    late_writer(monkeypatch, path, late=b"2", b=None)
+    assert Store(path).compact() == 2  # a and b, as the journal stood when it began
+    view = Store(path).view()
+    assert view.gen == 2 and view.items() == {b"a": b"1", b"late": b"2"}
+    assert journal(path).startswith(b"ostiary-journal 2\n")
+    assert [k for k, _ in view.journal.records()] == [b"late", b"b"]  # only what came late
+
+
+def test_a_crash_before_the_journal_is_replaced_keeps_what_came_late(path, monkeypatch):
+    put(path, a=b"1")
+
+    def child() -> None:
+        late_writer(monkeypatch, path, late=b"2")
+        real = os.rename
+        calls: list[object] = []
+
+        def rename(*args: object, **kw: object) -> None:
+            calls.append(args)
+            if len(calls) == 2:  # the journal's
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(*args, **kw)
+
+        monkeypatch.setattr(storemod.os, "rename", rename)
+        Store(path).compact()
+
+    assert wait(fork(child)) == -signal.SIGKILL
+    view = Store(path).view()
+    assert view.gen == 2 and journal(path).startswith(b"ostiary-journal 1\n")
+    assert view.items() == {b"a": b"1", b"late": b"2"}
+    put(path, c=b"3")  # the next writer rewrites the journal as generation 2 from !from on
+    assert journal(path).startswith(b"ostiary-journal 2\nlate 2 ")
+    assert Store(path).view().items() == {b"a": b"1", b"late": b"2", b"c": b"3"}
+
+
+def test_a_compaction_already_running_is_not_waited_for(path):
+    put(path, a=b"1")
+    store = Store(path)
+    with store.state_dir() as dfd, storemod.Lock(dfd, path + ".compact"):
+        assert store.compact(wait=False) is None
+    assert store.compact(wait=False) == 1
 
 
 def test_sigkill_in_the_middle_of_an_append(path):
@@ -346,15 +430,14 @@ def charger(path: str, key: bytes, wfd: int) -> None:
     store = Store(path)
     cfg = config("MAX_BAD_CONNS=1000000000\n")
     while True:
-        assert charge(store, key, cfg, int(time.time()))[0] is None
+        assert charge(store, key, cfg, int(time.time())).refused is None
         os.write(wfd, b".")
 
 
 def compactor(path: str) -> None:
     store = Store(path)
     while True:
-        with store.lock() as tx:
-            tx.compact()
+        store.compact()
 
 
 def test_sigkill_at_random_instants_loses_no_acknowledged_strike(path, monkeypatch):
@@ -425,14 +508,30 @@ def test_readers_never_see_a_torn_store_while_writers_compact(path, small_journa
 
 
 def worker(path: str, n: int, own: bytes) -> None:
-    store = Store(path, keep=keeper(config(), int(time.time())))
+    store = Store(path, prune=pruner(config(), int(time.time())))
     cfg = config("MAX_BAD_CONNS=1000000\n")
     for i in range(n):
-        assert charge(store, b"203.0.113.1", cfg, int(time.time()))[0] is None
-        assert charge(store, own, cfg, int(time.time()))[0] is None
+        assert charge(store, b"203.0.113.1", cfg, int(time.time())).refused is None
+        assert charge(store, own, cfg, int(time.time())).refused is None
         if i % 2:
             succeed(store, b"203.0.113.1")
         store.compact_due()
+
+
+def test_two_first_writers_racing_to_create_the_lock_both_take_it(path, monkeypatch):
+    real = os.open
+    raced: list[str] = []
+
+    def racing(name, flags, *args, **kw):
+        if name.endswith(".lock") and not raced and not flags & os.O_CREAT:
+            raced.append(name)  # another first writer creates it between our two opens
+            os.close(real(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600, **kw))
+            raise FileNotFoundError(name)
+        return real(name, flags, *args, **kw)
+
+    monkeypatch.setattr(storemod.os, "open", racing)
+    put(path, a=b"1")
+    assert raced and Store(path).view().get(b"a") == b"1"
 
 
 def test_many_processes_charging_and_refunding_get_exact_counts(path, small_journal):
@@ -464,15 +563,13 @@ def test_compaction_expires_strikes_and_old_locks_but_keeps_the_rest(path):
     }
     for k, v in records.items():
         put(path, **{k.decode(): v})
-    with Store(path).lock() as tx:
-        assert tx.compact(keeper(cfg, NOW)) == 4
+    assert Store(path).compact(pruner(cfg, NOW)) == 4
     assert set(Store(path).view().items()) == {b"10.0.0.2", b"10.0.0.4", STOPPED, ERRORS}
 
 
 def test_locks_never_expire_by_default(path):
     put(path, **{"10.0.0.3": b"3 3 %d %d" % (NOW - 10**8, NOW - 10**8)})
-    with Store(path).lock() as tx:
-        tx.compact(keeper(config(), NOW))
+    Store(path).compact(pruner(config(), NOW))
     assert refusal(Store(path).view(), b"10.0.0.3", 3) == "locked out"
 
 
@@ -481,9 +578,9 @@ def test_a_lock_runs_out_at_lockout_expire_without_waiting_for_a_compaction(path
     put(path, **{"10.0.0.3": b"3 3 %d %d" % (NOW, NOW)})
     store = Store(path)  # no compaction in between: the record stays as it is
     assert refusal(store.view(), b"10.0.0.3", 3, cfg.lockout_expire, NOW + 59) == "locked out"
-    assert charge(store, b"10.0.0.3", cfg, NOW + 59) == ("locked out", None)
+    assert charge(store, b"10.0.0.3", cfg, NOW + 59).refused == "locked out"
     assert refusal(store.view(), b"10.0.0.3", 3, cfg.lockout_expire, NOW + 60) is None
-    assert charge(store, b"10.0.0.3", cfg, NOW + 60) == (None, None)
+    assert charge(store, b"10.0.0.3", cfg, NOW + 60).refused is None
     entry = Entry(store.view().get(b"10.0.0.3"))
     assert (entry.strikes, entry.locked_since) == (1, 0)  # charged afresh
     assert fail(store, b"10.0.0.3", cfg, NOW + 61) == (False, None)
@@ -497,11 +594,11 @@ def test_a_lock_runs_out_at_lockout_expire_without_waiting_for_a_compaction(path
 def test_the_handlers_automatic_compaction_applies_expiry(path, small_journal):
     cfg = config()
     put(path, **{"10.9.9.9": b"1 1 0 %d" % (NOW - 86401), "10.9.9.8": b"1 1 0 %d" % NOW})
-    store = Store(path, keep=keeper(cfg, NOW))
+    store = Store(path, prune=pruner(cfg, NOW))
     gen = store.view().gen
     i = 0
     while store.view().gen == gen:
-        assert charge(store, b"10.1.%d.%d" % (i >> 8, i & 255), cfg, NOW)[0] is None
+        assert charge(store, b"10.1.%d.%d" % (i >> 8, i & 255), cfg, NOW).refused is None
         store.compact_due()
         i += 1
     items = store.view().items()
@@ -519,7 +616,7 @@ def test_ipv6_counts_per_prefix_ipv4_per_address(path):
         key = address_key(ip)
         assert key == b"2001:db8:1:2::/64"
         assert refusal(store.view(), key, 3) is None
-        assert charge(store, key, cfg, NOW)[0] is None
+        assert charge(store, key, cfg, NOW).refused is None
         fail(store, key, cfg, NOW)
     assert refusal(store.view(), address_key("2001:db8:1:2:dead::1"), 3) == "locked out"
     assert refusal(store.view(), address_key("2001:db8:1:3::1"), 3) is None
@@ -548,8 +645,7 @@ def test_the_stopped_state_lives_in_the_store_and_refuses_everyone(path):
         stop(tx, NOW + 1, "a later reason")
     assert Store(path).view().get(STOPPED) == b"%d KILL from 192.0.2.1" % NOW
     assert refusal(Store(path).view(), b"198.51.100.7", 3) == "service stopped: KILL from 192.0.2.1"
-    with Store(path).lock() as tx:
-        tx.compact(keeper(config(), NOW + 10**8))
+    Store(path).compact(pruner(config(), NOW + 10**8))
     assert refusal(Store(path).view(), b"198.51.100.7", 3).startswith("service stopped")
 
 
@@ -560,8 +656,32 @@ def test_files_root_writes_belong_to_the_directorys_owner(tmp_path):
     os.chown(d, 65534, 65534)
     path = str(d / "lockout.cdb")
     put(path, a=b"1")
-    with Store(path).lock() as tx:
-        tx.compact()
+    Store(path).compact()
     for name in ("lockout.cdb", "lockout.cdb.journal", "lockout.cdb.lock"):
         st = os.stat(d / name)
         assert (st.st_uid, st.st_gid) == (65534, 65534), name
+
+
+LONG = b"9" * 5000  # past int()'s 4,300 digits: a ValueError, were it not checked first
+
+
+@pytest.mark.parametrize("key", [b"!gen", b"!from", b"!count"])
+def test_a_snapshot_number_too_long_is_corrupt(path, key):
+    put(path, a=b"1")  # snapshot and journal of generation 1
+    records = {b"!gen": b"2", b"!from": b"18", b"!count": b"1", b"a": b"1", key: LONG}
+    with open(path, "wb") as f:
+        write_cdb(f, list(records.items()))
+    with pytest.raises(StoreCorrupt, match="does not parse"):
+        Store(path).view().count()
+
+
+def test_an_error_total_too_long_is_corrupt(path):
+    put(path, **{"!errors": LONG})
+    with pytest.raises(StoreCorrupt, match="does not parse"):
+        charge(Store(path), b"10.0.0.1", config(), NOW)
+
+
+def test_a_door_index_too_long_is_corrupt(path):
+    put(path, **{"!doors": LONG + b" !door:1:10.0.0.1"})
+    with pytest.raises(StoreCorrupt, match="does not parse"):
+        doors_due(Store(path).view(), NOW)

@@ -28,6 +28,8 @@ from ostiary_ucspi.ucspi.tcprules import Fatal, parse_rules
 # slot holding hash 0 for empty and overwrites it, losing the deny rule.
 HASH0, HASH0_NEIGHBOUR = b"39.160.226.88", b"10.0.1.92"
 
+LONG_BOUNDS = ROOT / "tests" / "fuzz" / "corpus" / "tcprules" / "crash-long-range-bound"
+
 CORPUS: dict[str, bytes] = {
     "empty": b"",
     "comments-and-blanks": b"# nothing here\n\n#1.2.3.4:deny\n   \n\t\n\r\n",
@@ -68,6 +70,8 @@ CORPUS: dict[str, bytes] = {
     "hash-zero": HASH0 + b":deny\n" + HASH0_NEIGHBOUR + b":allow\n:allow\n",
     "many-keys": b'10.0-255.:allow\n10.1.1.0-255:deny\n10.1.2.0-255:allow,X="y"\n:deny\n',
     "example-file": (ROOT / "tcprules" / "ostiary").read_bytes(),
+    # Bounds of 5,001 digits (10**5000 + n): once a ValueError, Python's int() limit.
+    "long-range-bounds": LONG_BOUNDS.read_bytes(),
 }
 
 BAD: dict[str, tuple[bytes, int]] = {
@@ -278,6 +282,16 @@ def test_bad_line(name: str, tools: dict[str, str], tmp_path: Path) -> None:
     assert results["ours"].returncode == 100
     assert results["ours"].stderr.startswith(f"ostiary-tcprules: fatal: line {line}: ".encode())
     assert os.listdir(tmp_path / "ours") == ["r.cdb"]
+
+
+def test_range_bounds_are_read_modulo_2_64_whatever_their_length() -> None:
+    """Like djb's scan_ulong on 64 bits: 10**5000 + 4 is 4 (the file's two rules)."""
+    assert parse_rules(LONG_BOUNDS.read_bytes()) == [
+        (b"1.2.3.4", b""),
+        (b"1.2.3.5", b""),
+        (b"1.2.4.2", b"D\0"),
+        (b"1.2.4.3", b"D\0"),
+    ]
 
 
 def test_ipv6(tmp_path: Path) -> None:

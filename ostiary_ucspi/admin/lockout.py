@@ -24,8 +24,20 @@ from ..config import SEARCH, Config, ConfigError, find, load
 from ..doors import door_key
 from ..fail import Fatal, Usage, standard
 from ..fail import run as fail_run
-from ..policy import ERRORS, MARKED, STOPPED, Entry, keeper, lock, revive, unlock
-from ..store import Store, StoreCorrupt, StoreError
+from ..policy import (
+    ERRORS,
+    FANOUT,
+    MARKED,
+    STOPPED,
+    Entry,
+    aggregate,
+    lock,
+    locked,
+    pruner,
+    revive,
+    unlock,
+)
+from ..store import Store, StoreCorrupt, StoreError, number
 from ..supervise import bring_up_advice
 
 PROG = "ostiary-lockout"
@@ -72,18 +84,13 @@ class State:
         self.stopped: tuple[int, str] | None = None
         if STOPPED in items or (view is not None and view.marked):
             self.stopped = parse_stopped(items.get(STOPPED, MARKED))
-        errors = items.get(ERRORS, b"0")
-        if not errors.isdigit():
-            raise StoreCorrupt(f"error total does not parse: {errors[:60]!r}")
-        self.errors = int(errors)
+        self.errors = number(items.get(ERRORS, b"0"), "the error total")
 
 
 def parse_stopped(raw: bytes) -> tuple[int, str]:
     """Split the stopped state into (since, reason)."""
     since, _, reason = raw.partition(b" ")
-    if not since.isdigit():
-        raise StoreCorrupt(f"stopped state does not parse: {raw[:60]!r}")
-    return int(since), reason.decode(errors="replace")
+    return number(since, "the stopped state"), reason.decode(errors="replace")
 
 
 def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
@@ -134,11 +141,6 @@ def parse_address(text: str, cfg: Config, shown: bool = False) -> bytes:
         raise Usage(f"not an IP address or IPv6 prefix: {text!r}") from None
 
 
-def is_locked(e: Entry, cfg: Config, now: int) -> bool:
-    """True when the handler closes this address's connections at once."""
-    return e.locked_out(cfg.max_bad_conns, cfg.lockout_expire, now)
-
-
 def when(t: int) -> str:
     """Format a time of the store for people: local time, '-' for never."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
@@ -155,11 +157,15 @@ def sort_key(key: bytes) -> tuple[int, int, int]:
 
 def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
     state = State(store)
-    rows = sorted(
-        state.entries.items(),
+    rows = sorted(  # a prefix's count of struck prefixes below it shows once it locks
+        (
+            (k, e)
+            for k, e in state.entries.items()
+            if not aggregate(k, cfg) or locked(k, e, cfg, state.now)
+        ),
         key=lambda kv: (not kv[1].locked_since, -kv[1].locked_since, -kv[1].last_seen),
     )
-    locked = sum(is_locked(e, cfg, state.now) for e in state.entries.values())
+    locked_out = sum(locked(k, e, cfg, state.now) for k, e in rows)
     if as_json:
         doc = {
             "store": cfg.lockout_db,
@@ -173,7 +179,7 @@ def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
                     "address": key.decode(),
                     "strikes": e.strikes,
                     "errors": e.errors,
-                    "locked": is_locked(e, cfg, state.now),
+                    "locked": locked(key, e, cfg, state.now),
                     "locked_since": e.locked_since or None,
                     "last_seen": e.last_seen or None,
                 }
@@ -183,7 +189,7 @@ def cmd_list(store: Store, cfg: Config, as_json: bool) -> None:
         print(json.dumps(doc))
         return
     print(
-        f"{cfg.lockout_db}: {len(rows)} tracked, {locked} locked out, "
+        f"{cfg.lockout_db}: {len(rows)} tracked, {locked_out} locked out, "
         f"{state.errors} errors in all (MAX_BAD_CONNS={cfg.max_bad_conns})"
     )
     if state.stopped is not None:
@@ -211,11 +217,16 @@ def cmd_show(store: Store, cfg: Config, key: bytes) -> None:
     if e is None:
         print("record        none: not locked out")
         return
-    print(f"strikes       {e.strikes} (locked out at {cfg.max_bad_conns})")
+    if aggregate(key, cfg):
+        print(f"strikes       {e.strikes} struck prefixes below it (locked out at {FANOUT})")
+    else:
+        print(f"strikes       {e.strikes} (locked out at {cfg.max_bad_conns})")
     print(f"errors        {e.errors}")
     print(f"locked since  {when(e.locked_since)}")
     print(f"last seen     {when(e.last_seen)}")
-    print(f"connections   {'closed at once' if is_locked(e, cfg, int(time.time())) else 'served'}")
+    print(
+        f"connections   {'closed at once' if locked(key, e, cfg, int(time.time())) else 'served'}"
+    )
 
 
 def parse_action(text: str) -> int:
@@ -309,8 +320,8 @@ def cmd_unlock(store: Store, key: bytes) -> None:
         )
 
 
-def cmd_lock(store: Store, key: bytes, now: int) -> None:
-    since = lock(store, key, now)
+def cmd_lock(store: Store, cfg: Config, key: bytes, now: int) -> None:
+    since = lock(store, key, cfg, now)
     if since:
         print(f"{key.decode()}: locked out already, since {when(since)}")
     else:
@@ -331,17 +342,19 @@ def cmd_prune(store: Store) -> None:
     if store.view() is None:
         print("the store is empty: nothing to prune")
         return
-    with store.lock() as tx:
-        before = len(tx.items())
-        kept = tx.compact()
-        internal = sum(1 for k in tx.items() if k.startswith(b"!"))
-    print(f"pruned: {before - kept} expired records dropped, {kept - internal} kept")
+    before = store.view()
+    store.compact()
+    after = store.view()
+    if before is None or after is None:
+        raise StoreError("the store vanished while it was pruned")
+    kept = after.count()
+    print(f"pruned: {before.count() - kept} expired records dropped, {kept} kept")
 
 
 def cmd_export(store: Store, cfg: Config) -> None:
     state = State(store)
-    locked = [k for k, e in state.entries.items() if is_locked(e, cfg, state.now)]
-    sys.stdout.write("".join(k.decode() + "\n" for k in sorted(locked, key=sort_key)))
+    out = [k for k, e in state.entries.items() if locked(k, e, cfg, state.now)]
+    sys.stdout.write("".join(k.decode() + "\n" for k in sorted(out, key=sort_key)))
 
 
 def cmd_reset(store: Store, force: bool) -> None:
@@ -374,7 +387,7 @@ def run(argv: list[str]) -> None:
     except ConfigError as e:
         raise Fatal(str(e)) from None
     now = int(time.time())
-    store = Store(cfg.lockout_db, keep=keeper(cfg, now), editor=cfg.editor)
+    store = Store(cfg.lockout_db, prune=pruner(cfg, now), editor=cfg.editor)
     if command != "reset":
         store.check_usable()
     if command == "list":
@@ -390,7 +403,7 @@ def run(argv: list[str]) -> None:
                 f"IPv6 strikes count per /{cfg.ipv6_prefix} (IPV6_PREFIX): "
                 f"lock an address or a /{cfg.ipv6_prefix} prefix"
             )
-        cmd_lock(store, key, now)
+        cmd_lock(store, cfg, key, now)
     elif command == "revive":
         cmd_revive(store, cfg)
     elif command == "prune":

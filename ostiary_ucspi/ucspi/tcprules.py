@@ -45,7 +45,8 @@ def _number(text: bytes) -> int:
     text = text.partition(b"\0")[0]
     if text and not text.isdigit():
         raise RuleError("bad number in address range")
-    return int(text or b"0") % 2**64
+    # 2**64 divides 10**64: the last 64 digits decide (and int() refuses over 4300).
+    return int(text[-64:] or b"0") % 2**64
 
 
 def expand(address: bytes) -> list[bytes]:

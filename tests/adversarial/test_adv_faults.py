@@ -34,8 +34,8 @@ def test_a_refund_only_undoes_its_own_charge(tmp_path):
 
     store = Store(str(tmp_path / "lockout.cdb"))
     cfg = config()
-    assert charge(store, b"192.0.2.1", cfg, 100) == (None, None)
-    assert lock(store, b"192.0.2.1", 101) == 0  # the operator, while the knock is in flight
+    assert charge(store, b"192.0.2.1", cfg, 100).refused is None
+    assert lock(store, b"192.0.2.1", cfg, 101) == 0  # the operator, while the knock is in flight
     succeed(store, b"192.0.2.1")  # the knock proved its passphrase
     assert Entry(store.view().get(b"192.0.2.1")).locked_since == 101
     assert refusal(store.view(), b"192.0.2.1", cfg.max_bad_conns) == "locked out"
@@ -209,8 +209,7 @@ def test_the_writer_never_writes_a_store_the_reader_would_call_corrupt(tmp_path,
     compacted = 2048 + sum(24 + len(k) + len(v) for k, v in items)  # a CDB's exact size
     monkeypatch.setattr(storemod, "MAX_FILE", compacted - 1)  # one limit, both sides
     with pytest.raises(StoreError, match="would pass the limit"):
-        with store.lock() as tx:
-            tx.compact()
+        store.compact()
     view = Store(path).view()  # the reader accepts what is there, and it is all there
     assert len(view.items()) == 100 and os.path.getsize(path) <= storemod.MAX_FILE
     assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]

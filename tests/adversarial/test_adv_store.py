@@ -43,7 +43,7 @@ def seed(site: Site) -> None:
             tx.put(f"10.0.0.{i}".encode(), Entry(b"1 1 0 %d" % now).encode())
         tx.put(b"10.9.9.9", Entry(b"3 3 %d %d" % (now, now)).encode())
         tx.put(ERRORS, b"42")
-        tx.compact()
+    store.compact()
     with store.lock() as tx:
         tx.put(b"10.0.0.77", Entry(b"2 2 0 %d" % now).encode())
 

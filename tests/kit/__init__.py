@@ -6,4 +6,5 @@
 ``damage``   the catalogue of broken store files (store, handler and operator tests)
 ``procs``    waiting, /proc: processes, zombies, descriptors, "the work is over"
 ``vectors``  HMAC test vectors from ``tests/vectors/*.txt``, with their provenance
+``parsers``  the parsers' contract, which every fuzzer checks (Hypothesis, atheris)
 """

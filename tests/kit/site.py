@@ -266,20 +266,22 @@ class Rig(Scratch):
         salt: bytes | None = None,
         fake_syslog: bool = False,
         cfg: Path | None = None,
+        wrap: tuple[str, ...] = (),
     ) -> Handler:
         """Run the handler on a fresh TCP connection (ours is ``Handler.client``).
 
         Like tcpserver it gets the socket as fds 0 and 1 and ``TCPREMOTEIP``
         (unless ``remote_ip`` is None); ``inetd=True`` puts the socket on fd 2
         too and sets no TCPREMOTEIP, as inetd does. Its stderr otherwise
-        appends to ``self.log``. ``salt``, ``fake_syslog``: see :meth:`argv`.
+        appends to ``self.log``. ``salt``, ``fake_syslog``: see :meth:`argv`;
+        ``wrap``: a command that runs it (``fiu-run -x ...``, ``setpriv ...``).
         """
         client, server = tcp_pair(listen_host, connect_host)
         extra = dict(env or {})
         if remote_ip is not None and not inetd:
             extra.setdefault("TCPREMOTEIP", remote_ip)
         with open(self.log, "ab") as log:
-            argv = self.argv(*args, salt=salt, fake_syslog=fake_syslog, cfg=cfg)
+            argv = [*wrap, *self.argv(*args, salt=salt, fake_syslog=fake_syslog, cfg=cfg)]
             proc = subprocess.Popen(
                 argv,
                 stdin=server,

@@ -278,10 +278,7 @@ def main() -> int:
             for which in ("real", "shim"):
                 results[which].append(measure(servers[which], conns, concurrency, respond, log))
         memory = {w: uss(servers[w], args.limit, log) for w in servers} if args.fork else {}
-    print(
-        f"program: {name}"
-        + (f"; shim: -F {module} (forks, no exec)" if args.fork else "")
-    )
+    print(f"program: {name}" + (f"; shim: -F {module} (forks, no exec)" if args.fork else ""))
     print(
         f"both: -HRl0 -c {args.limit}; {concurrency} clients in flight; {conns} connections "
         f"per run; {args.rounds} runs each, interleaved real/shim; "

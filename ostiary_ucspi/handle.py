@@ -239,11 +239,19 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         hangup(inetd)
         log(logmod.FATAL, f"{ip} refused: lockout store: {e}")
         return 111
-    try:  # the client is gone: nobody waits for this
+    if store.due:  # the client is gone; a child compacts, so that no server slot waits either
+        from .actions import detach
+
+        detach(lambda: compact(store, log), log)
+    return status
+
+
+def compact(store: Store, log: logmod.Log) -> None:
+    """Compact the store if a write of ours made it due (in a detached child)."""
+    try:
         store.compact_due()
     except StoreError as e:
         log(logmod.ERR, f"unable to compact the lockout store, which serves on: {e}")
-    return status
 
 
 def admit(cfg: Config, store: Store, key: bytes, now: int) -> tuple[View | None, Charge]:

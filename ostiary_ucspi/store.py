@@ -97,6 +97,14 @@ def number(raw: bytes, what: str) -> int:
     return int(raw)
 
 
+def lookup(reader: Reader, key: bytes, path: str) -> bytes | None:
+    """Return the snapshot's value for ``key``, or None; StoreCorrupt if the file lies."""
+    try:
+        return reader.get(key)
+    except CdbError as e:
+        raise StoreCorrupt(f"{path}: {e}") from None
+
+
 def journal_lines(pending: dict[bytes, bytes], crc: int) -> bytes:
     """Return one transaction's journal lines, to follow a journal whose CRC-32 is ``crc``.
 
@@ -192,10 +200,7 @@ class View:
             return self.cache[key]
         value = None if self.journal is None else self.journal.last(key)
         if value is None:
-            try:
-                value = self.reader.get(key)
-            except CdbError as e:
-                raise StoreCorrupt(f"{self.path}: {e}") from None
+            value = lookup(self.reader, key, self.path)
         value = None if value == DELETED else value
         self.cache[key] = value
         return value
@@ -227,13 +232,13 @@ class View:
 
     def count(self) -> int:
         """Return how many live keys do not start with ``!`` (addresses and prefixes)."""
-        raw = self.reader.get(COUNT_KEY)
+        raw = lookup(self.reader, COUNT_KEY, self.path)
         if raw is None:  # a snapshot of 0.2.0: count them
             return sum(1 for k, _ in self.records() if not k.startswith(b"!"))
         n = number(raw, f"{self.path}: its !count record")
         for key, value in ({} if self.journal is None else dict(self.journal.records())).items():
             if not key.startswith(b"!"):
-                before = self.reader.get(key) is not None
+                before = lookup(self.reader, key, self.path) is not None
                 n += (value != DELETED) - before
         return n
 
@@ -420,7 +425,7 @@ class Store:
                 reader = Reader(data)
             except CdbError as e:
                 raise StoreCorrupt(f"{self.path}: {e}") from None
-            gen_raw = reader.get(GEN_KEY)
+            gen_raw = lookup(reader, GEN_KEY, self.path)
             if gen_raw is None:
                 raise StoreCorrupt(f"{self.path}: no generation record")
             gen = number(gen_raw, f"{self.path}: its generation record")
@@ -432,7 +437,7 @@ class Store:
             jgen = found.gen
             journal: Journal | None = found
             if jgen == gen - 1:  # one behind: folded into this snapshot up to !from
-                start = reader.get(FROM_KEY)
+                start = lookup(reader, FROM_KEY, self.path)
                 if start is None:  # folded in whole (a snapshot of 0.2.0)
                     journal = None
                 else:

@@ -194,3 +194,38 @@ def test_the_handler_logs_the_prefix_it_locked(rig: Rig) -> None:
     got, status = rig.handle(b"wrong", remote_ip=v6(7, 0, 0, 99))
     assert got == b"" and status == 0
     rig.wait_log("closed at once: locked out with all of 2001:db8:700::/56")
+
+
+def test_a_prefix_whose_lock_ran_out_takes_no_more_records_than_fanout(tmp_path: Path) -> None:
+    """LOCKOUT_EXPIRE must not let an attacker add FANOUT records below a /56 per lock."""
+    site = StoreRig(tmp_path, "STRIKE_EXPIRE=100000\nLOCKOUT_EXPIRE=100\n")
+    n = 0
+    for cycle in range(3):
+        now = NOW + 200 * cycle  # the /56's lock of the cycle before ran out
+        for _ in range(FANOUT):
+            key = address_key(v6(0, 0, 0, n))
+            n += 1
+            if charge(site.store, key, site.cfg, now).refused is None:
+                fail(site.store, key, site.cfg, now)
+        below = [k for k in records(site) if k.endswith(b"/64")]
+        assert len(below) <= FANOUT
+
+
+def test_a_record_a_compaction_overlaps_is_counted_in_every_prefix_above_it(
+    tmp_path: Path,
+) -> None:
+    """A charge made while a compaction prunes its prefixes away still leaves them counted."""
+    site = StoreRig(tmp_path, "STRIKE_EXPIRE=100\n")
+    site.fails(v6(0, 0, 0, 1), 1, now=NOW)  # expired by NOW + 150
+    prune = pruner(site.cfg, NOW + 150)
+
+    def late(records: storemod.Records):  # runs without the writers' lock, after the fold
+        site.fails(v6(0, 0, 0, 2), 1, now=NOW + 150)
+        return prune(records)
+
+    site.store.compact(late)
+    got = records(site)
+    above = policy.above(address_key(v6(0, 0, 0, 2)))
+    assert address_key(v6(0, 0, 0, 2)) in got
+    assert [p for p in above if p not in got] == []
+    assert [got[p].strikes for p in above] == [1] * len(above)

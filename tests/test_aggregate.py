@@ -20,6 +20,7 @@ from ostiary_ucspi import policy
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.address import key as address_key
 from ostiary_ucspi.policy import FANOUT, Entry, charge, fail, pruner, succeed, unlock
+from ostiary_ucspi.store import StoreCorrupt
 
 
 @pytest.fixture
@@ -229,3 +230,10 @@ def test_a_record_a_compaction_overlaps_is_counted_in_every_prefix_above_it(
     assert address_key(v6(0, 0, 0, 2)) in got
     assert [p for p in above if p not in got] == []
     assert [got[p].strikes for p in above] == [1] * len(above)
+
+
+def test_a_prefix_length_too_long_for_int_is_corrupt(site: StoreRig) -> None:
+    bad = [(b"2001:db8::/" + b"5" * 5000, b"1 1 0 %d" % NOW)]
+    with pytest.raises(StoreCorrupt):
+        list(pruner(site.cfg, NOW)(lambda: iter(bad)))
+    assert not policy.aggregate(bad[0][0], site.cfg)  # ostiary-lockout list asks it of each key

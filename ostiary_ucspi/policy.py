@@ -114,7 +114,7 @@ def above(key: bytes, levels: tuple[int, ...] = LEVELS) -> list[bytes]:
 def aggregate(key: bytes, cfg: "Config") -> bool:
     """True for the record of a prefix that strikes below it aggregate into."""
     bits = key.partition(b"/")[2]
-    return bits.isdigit() and int(bits) in LEVELS and int(bits) < cfg.ipv6_prefix
+    return bits.isdigit() and len(bits) <= 3 and int(bits) in LEVELS and int(bits) < cfg.ipv6_prefix
 
 
 def locked(key: bytes, entry: Entry, cfg: "Config", now: int) -> bool:

@@ -715,3 +715,15 @@ def test_a_snapshot_record_pointing_past_the_end_is_corrupt(path, key):
     point_past_the_end(path, key)
     with pytest.raises(StoreCorrupt):
         Store(path).view().count()
+
+
+def test_setting_a_store_aside_takes_its_stopped_mark_too(path):
+    """reset --force forgets the stopped state: NAME.stopped left alone kept the store corrupt."""
+    put(path, a=b"1")
+    store = Store(path)
+    store.mark()
+    write_at(path, 0, b"garbage")
+    assert path + ".stopped.corrupt" in store.set_aside(".corrupt")
+    put(path, b=b"1")
+    view = store.view()
+    assert view.items() == {b"b": b"1"} and not view.marked

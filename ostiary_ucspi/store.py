@@ -591,7 +591,7 @@ class Store:
         return written[0]
 
     def set_aside(self, suffix: str) -> list[str]:
-        """Under the writers' lock, rename the snapshot and journal to NAME + ``suffix``.
+        """Under the writers' lock, rename the snapshot, journal and mark to NAME + ``suffix``.
 
         The next writer starts an empty store. Returns the new names.
         """
@@ -601,7 +601,7 @@ class Store:
             Lock(dfd, self.path + ".compact"),
             Lock(dfd, self.path + ".lock"),
         ):
-            for path in (self.path, self.journal):
+            for path in (self.path, self.journal, self.path + MARK):  # the stopped mark last
                 name = os.path.basename(path)
                 if exists(dfd, name):
                     try:

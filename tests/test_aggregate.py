@@ -237,3 +237,10 @@ def test_a_prefix_length_too_long_for_int_is_corrupt(site: StoreRig) -> None:
     with pytest.raises(StoreCorrupt):
         list(pruner(site.cfg, NOW)(lambda: iter(bad)))
     assert not policy.aggregate(bad[0][0], site.cfg)  # ostiary-lockout list asks it of each key
+
+
+def test_ipcache_size_counts_addresses_not_the_prefixes_above_them(tmp_path: Path) -> None:
+    """EXIT_ON_IPCACHE_FULL: IPCACHE_SIZE addresses, as in Ostiary; prefix records are ours."""
+    site = StoreRig(tmp_path, "EXIT_ON_IPCACHE_FULL\nIPCACHE_SIZE=3\n")
+    for ip in ("2001:db8::1", "2001:db9::1"):  # two addresses, five records each
+        assert charge(site.store, address_key(ip), site.cfg, NOW).stopped is None

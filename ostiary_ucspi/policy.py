@@ -130,7 +130,7 @@ def count_up(tx: Transaction, key: bytes, cfg: "Config", now: int) -> list[bytes
         raw = tx.get(prefix)
         entry = Entry(raw)
         if entry.lock_ran_out(cfg.lockout_expire, now):
-            entry.strikes = entry.locked_since = 0  # compaction counts the children again
+            entry.locked_since = 0  # its children still count, as compaction counts them
         entry.strikes += 1
         entry.last_seen = now
         if entry.strikes >= FANOUT and not entry.locked_since:
@@ -208,6 +208,10 @@ def charge(store: Store, key: bytes, cfg: "Config", now: int) -> Charge:
         entry = Entry(raw)
         if entry.locked_since or now - entry.last_seen > cfg.strike_expire:
             entry.strikes = entry.locked_since = 0  # strikes expired, or a lock ran out
+        if raw is None:  # a new record: not below a prefix whose lock ran out, still struck
+            for prefix in above(key):
+                if Entry(tx.get(prefix)).strikes >= FANOUT:
+                    return Charge(f"locked out with all of {prefix.decode()}")
         if raw is None and tx.v.full():
             return Charge(FULL)
         if raw is None and cfg.exit_on_ipcache_full:

@@ -207,7 +207,10 @@ def close_due_doors(store: Store, view: View | None, log: logmod.Log, now: int) 
     from .actions import detach
 
     log(logmod.NOTICE, "a door is past its close (its runner is gone): sweeping")
-    detach(lambda: doors.sweep(store, log, wait=False), log)
+    try:
+        detach(lambda: doors.sweep(store, log, wait=False), log)
+    except OSError as e:
+        log(logmod.ERR, f"unable to fork a sweeper, left to the next connection: {e.strerror}")
 
 
 def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
@@ -242,7 +245,10 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
     if store.due:  # the client is gone; a child compacts, so that no server slot waits either
         from .actions import detach
 
-        detach(lambda: compact(store, log), log)
+        try:
+            detach(lambda: compact(store, log), log)
+        except OSError as e:
+            log(logmod.ERR, f"unable to fork a compaction, left to the next writer: {e.strerror}")
     return status
 
 

@@ -548,6 +548,7 @@ class Store:
             with self.lock(dfd=dfd) as tx:  # nobody else writes a temp file now
                 remove_stale_temps(dfd, self)
                 tx.settle()
+                tx.sync()  # refunds were not: the fold must not pass what is on disk
                 view = tx.v
             folded = view.journal
             if folded is None:
@@ -885,6 +886,17 @@ class Transaction:
         records = {} if journal is None else dict(journal.records())
         records.update(pending)
         return head + (journal_lines(records, zlib.crc32(head)) if records else b"")
+
+    def sync(self) -> None:
+        """fdatasync the journal: what unsynced appends (refunds) wrote is on disk after."""
+        try:
+            fd = os.open(self.store.name + ".journal", os.O_RDONLY | FLAGS, dir_fd=self.dfd)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StoreError(f"unable to sync {self.store.journal}: {e.strerror}") from None
 
     def settle(self) -> None:
         """Rewrite a journal that is missing, behind or torn, so writers may append to it."""

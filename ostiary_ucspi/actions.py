@@ -214,7 +214,7 @@ def detach(job: "Callable[[], object]", log: logmod.Log) -> None:
         os.umask(0o022)
         job()
     except BaseException as e:  # the child must never fall back into the handler
-        log(logmod.ERR, f"action runner failed: {type(e).__name__}: {e}")
+        log(logmod.ERR, f"detached child failed: {type(e).__name__}: {e}")
     finally:
         os._exit(0)
 

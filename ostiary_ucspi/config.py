@@ -13,7 +13,7 @@ Extensions to Ostiary 4.0 (all optional):
 ``STRIKE_EXPIRE=seconds``       forget strikes of unlocked addresses (default 86400)
 ``LOCKOUT_EXPIRE=seconds``      unlock after this long (default 0: never)
 ``IPV6_PREFIX=bits``            IPv6 strikes are counted per prefix (default 64)
-``IPCACHE_SIZE=n``              tracked addresses before EXIT_ON_IPCACHE_FULL trips (128)
+``IPCACHE_SIZE=n``              store records before EXIT_ON_IPCACHE_FULL trips (128)
 """
 
 import os

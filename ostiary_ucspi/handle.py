@@ -210,7 +210,10 @@ def close_due_doors(store: Store, view: View | None, log: logmod.Log, now: int) 
     from .actions import detach
 
     log(logmod.NOTICE, "a door is past its close (its runner is gone): sweeping")
-    detach(lambda: doors.sweep(store, log, wait=False), log)
+    try:
+        detach(lambda: doors.sweep(store, log, wait=False), log)
+    except OSError as e:
+        log(logmod.ERR, f"unable to fork a sweeper, left to the next connection: {e.strerror}")
 
 
 def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
@@ -242,11 +245,22 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         hangup(inetd)
         log(logmod.FATAL, f"{ip} refused: lockout store: {e}")
         return 111
-    try:  # the client is gone: nobody waits for this
+    if store.due:  # the client is gone; a child compacts, so that no server slot waits either
+        from .actions import detach
+
+        try:
+            detach(lambda: compact(store, log), log)
+        except OSError as e:
+            log(logmod.ERR, f"unable to fork a compaction, left to the next writer: {e.strerror}")
+    return status
+
+
+def compact(store: Store, log: logmod.Log) -> None:
+    """Compact the store if a write of ours made it due (in a detached child)."""
+    try:
         store.compact_due()
     except StoreError as e:
         log(logmod.ERR, f"unable to compact the lockout store, which serves on: {e}")
-    return status
 
 
 def admit(cfg: Config, store: Store, key: bytes, now: int) -> tuple[View | None, Charge]:

@@ -114,7 +114,7 @@ def above(key: bytes, levels: tuple[int, ...] = LEVELS) -> list[bytes]:
 def aggregate(key: bytes, cfg: "Config") -> bool:
     """True for the record of a prefix that strikes below it aggregate into."""
     bits = key.partition(b"/")[2]
-    return bits.isdigit() and int(bits) in LEVELS and int(bits) < cfg.ipv6_prefix
+    return bits.isdigit() and len(bits) <= 3 and int(bits) in LEVELS and int(bits) < cfg.ipv6_prefix
 
 
 def locked(key: bytes, entry: Entry, cfg: "Config", now: int) -> bool:
@@ -124,21 +124,27 @@ def locked(key: bytes, entry: Entry, cfg: "Config", now: int) -> bool:
 
 
 def count_up(tx: Transaction, key: bytes, cfg: "Config", now: int) -> list[bytes]:
-    """Count ``key``'s new record in the prefixes above it; return those this locked."""
+    """Count ``key``'s new record in the prefixes above it; return those this locked.
+
+    A prefix with no record above it was never counted there (a compaction
+    dropped that record meanwhile): it is counted in too.
+    """
     newly = []
+    counting = True  # the record just below is not counted in this prefix yet
     for prefix in above(key):
         raw = tx.get(prefix)
+        if not counting and raw is not None:
+            break  # counted there when it was new, and so was everything above
         entry = Entry(raw)
         if entry.lock_ran_out(cfg.lockout_expire, now):
-            entry.strikes = entry.locked_since = 0  # compaction counts the children again
+            entry.locked_since = 0  # its children still count, as compaction counts them
         entry.strikes += 1
         entry.last_seen = now
         if entry.strikes >= FANOUT and not entry.locked_since:
             entry.locked_since = now
             newly.append(prefix)
         tx.put(prefix, entry.encode())
-        if raw is not None:
-            break  # the prefix itself was counted above when it was new
+        counting = raw is None
     return newly
 
 
@@ -208,12 +214,16 @@ def charge(store: Store, key: bytes, cfg: "Config", now: int) -> Charge:
         entry = Entry(raw)
         if entry.locked_since or now - entry.last_seen > cfg.strike_expire:
             entry.strikes = entry.locked_since = 0  # strikes expired, or a lock ran out
+        if raw is None:  # a new record: not below a prefix whose lock ran out, still struck
+            for prefix in above(key):
+                if Entry(tx.get(prefix)).strikes >= FANOUT:
+                    return Charge(f"locked out with all of {prefix.decode()}")
         if raw is None and tx.v.full():
             return Charge(FULL)
         if raw is None and cfg.exit_on_ipcache_full:
             tracked = tx.v.count()
             if tracked >= cfg.ipcache_size:
-                reason = f"address table full ({tracked} addresses, EXIT_ON_IPCACHE_FULL)"
+                reason = f"address table full ({tracked} records, EXIT_ON_IPCACHE_FULL)"
                 stop(tx, now, reason)
                 return Charge("service stopped: " + reason, reason)
         entry.strikes += 1
@@ -324,17 +334,13 @@ def pruner(cfg: "Config", now: int) -> "Prune":
     def prune(records: "Records") -> "Iterator[tuple[bytes, bytes]]":
         below: dict[tuple[int, int], list[int]] = {}  # prefix -> [live records below, newest]
         prefixes: list[tuple[int, bytes, Entry]] = []
-        dropped: set[bytes] = set()
         for key, value in records():
             if key.startswith(b"!"):
                 continue
             entry = Entry(value)
             if aggregate(key, cfg):
                 prefixes.append((-int(key.partition(b"/")[2]), key, entry))
-                dropped.add(key)  # unless it is kept below
-            elif not lives(entry):
-                dropped.add(key)
-            elif b"/" in key:
+            elif b"/" in key and lives(entry):
                 tally(below, key, entry.last_seen)
         kept: dict[bytes, bytes] = {}
         for _, key, entry in sorted(prefixes):  # the longest prefixes first
@@ -347,10 +353,11 @@ def pruner(cfg: "Config", now: int) -> "Prune":
                 entry.strikes, entry.last_seen = count, max(seen, entry.last_seen)
                 kept[key] = entry.encode()
                 tally(below, key, entry.last_seen)
-        for key, value in records():
+        dropped = {key for _, key, _ in prefixes if key not in kept}
+        for key, value in records():  # expiry again: memory for the prefixes only
             if key in kept:
                 yield key, kept[key]
-            elif key not in dropped:
+            elif key.startswith(b"!") or (key not in dropped and lives(Entry(value))):
                 yield key, value
 
     return prune

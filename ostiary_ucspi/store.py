@@ -97,6 +97,14 @@ def number(raw: bytes, what: str) -> int:
     return int(raw)
 
 
+def lookup(reader: Reader, key: bytes, path: str) -> bytes | None:
+    """Return the snapshot's value for ``key``, or None; StoreCorrupt if the file lies."""
+    try:
+        return reader.get(key)
+    except CdbError as e:
+        raise StoreCorrupt(f"{path}: {e}") from None
+
+
 def journal_lines(pending: dict[bytes, bytes], crc: int) -> bytes:
     """Return one transaction's journal lines, to follow a journal whose CRC-32 is ``crc``.
 
@@ -192,10 +200,7 @@ class View:
             return self.cache[key]
         value = None if self.journal is None else self.journal.last(key)
         if value is None:
-            try:
-                value = self.reader.get(key)
-            except CdbError as e:
-                raise StoreCorrupt(f"{self.path}: {e}") from None
+            value = lookup(self.reader, key, self.path)
         value = None if value == DELETED else value
         self.cache[key] = value
         return value
@@ -227,13 +232,13 @@ class View:
 
     def count(self) -> int:
         """Return how many live keys do not start with ``!`` (addresses and prefixes)."""
-        raw = self.reader.get(COUNT_KEY)
+        raw = lookup(self.reader, COUNT_KEY, self.path)
         if raw is None:  # a snapshot of 0.2.0: count them
             return sum(1 for k, _ in self.records() if not k.startswith(b"!"))
         n = number(raw, f"{self.path}: its !count record")
         for key, value in ({} if self.journal is None else dict(self.journal.records())).items():
             if not key.startswith(b"!"):
-                before = self.reader.get(key) is not None
+                before = lookup(self.reader, key, self.path) is not None
                 n += (value != DELETED) - before
         return n
 
@@ -420,7 +425,7 @@ class Store:
                 reader = Reader(data)
             except CdbError as e:
                 raise StoreCorrupt(f"{self.path}: {e}") from None
-            gen_raw = reader.get(GEN_KEY)
+            gen_raw = lookup(reader, GEN_KEY, self.path)
             if gen_raw is None:
                 raise StoreCorrupt(f"{self.path}: no generation record")
             gen = number(gen_raw, f"{self.path}: its generation record")
@@ -432,7 +437,7 @@ class Store:
             jgen = found.gen
             journal: Journal | None = found
             if jgen == gen - 1:  # one behind: folded into this snapshot up to !from
-                start = reader.get(FROM_KEY)
+                start = lookup(reader, FROM_KEY, self.path)
                 if start is None:  # folded in whole (a snapshot of 0.2.0)
                     journal = None
                 else:
@@ -543,6 +548,7 @@ class Store:
             with self.lock(dfd=dfd) as tx:  # nobody else writes a temp file now
                 remove_stale_temps(dfd, self)
                 tx.settle()
+                tx.sync()  # refunds were not: the fold must not pass what is on disk
                 view = tx.v
             folded = view.journal
             if folded is None:
@@ -586,7 +592,7 @@ class Store:
         return written[0]
 
     def set_aside(self, suffix: str) -> list[str]:
-        """Under the writers' lock, rename the snapshot and journal to NAME + ``suffix``.
+        """Under the writers' lock, rename the snapshot, journal and mark to NAME + ``suffix``.
 
         The next writer starts an empty store. Returns the new names.
         """
@@ -596,7 +602,7 @@ class Store:
             Lock(dfd, self.path + ".compact"),
             Lock(dfd, self.path + ".lock"),
         ):
-            for path in (self.path, self.journal):
+            for path in (self.path, self.journal, self.path + MARK):  # the stopped mark last
                 name = os.path.basename(path)
                 if exists(dfd, name):
                     try:
@@ -880,6 +886,17 @@ class Transaction:
         records = {} if journal is None else dict(journal.records())
         records.update(pending)
         return head + (journal_lines(records, zlib.crc32(head)) if records else b"")
+
+    def sync(self) -> None:
+        """fdatasync the journal: what unsynced appends (refunds) wrote is on disk after."""
+        try:
+            fd = os.open(self.store.name + ".journal", os.O_RDONLY | FLAGS, dir_fd=self.dfd)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StoreError(f"unable to sync {self.store.journal}: {e.strerror}") from None
 
     def settle(self) -> None:
         """Rewrite a journal that is missing, behind or torn, so writers may append to it."""

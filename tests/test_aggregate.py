@@ -20,6 +20,7 @@ from ostiary_ucspi import policy
 from ostiary_ucspi import store as storemod
 from ostiary_ucspi.address import key as address_key
 from ostiary_ucspi.policy import FANOUT, Entry, charge, fail, pruner, succeed, unlock
+from ostiary_ucspi.store import StoreCorrupt
 
 
 @pytest.fixture
@@ -194,3 +195,64 @@ def test_the_handler_logs_the_prefix_it_locked(rig: Rig) -> None:
     got, status = rig.handle(b"wrong", remote_ip=v6(7, 0, 0, 99))
     assert got == b"" and status == 0
     rig.wait_log("closed at once: locked out with all of 2001:db8:700::/56")
+
+
+def test_a_prefix_whose_lock_ran_out_takes_no_more_records_than_fanout(tmp_path: Path) -> None:
+    """LOCKOUT_EXPIRE must not let an attacker add FANOUT records below a /56 per lock."""
+    site = StoreRig(tmp_path, "STRIKE_EXPIRE=100000\nLOCKOUT_EXPIRE=100\n")
+    n = 0
+    for cycle in range(3):
+        now = NOW + 200 * cycle  # the /56's lock of the cycle before ran out
+        for _ in range(FANOUT):
+            key = address_key(v6(0, 0, 0, n))
+            n += 1
+            if charge(site.store, key, site.cfg, now).refused is None:
+                fail(site.store, key, site.cfg, now)
+        below = [k for k in records(site) if k.endswith(b"/64")]
+        assert len(below) <= FANOUT
+
+
+def test_a_record_a_compaction_overlaps_is_counted_in_every_prefix_above_it(
+    tmp_path: Path,
+) -> None:
+    """A charge made while a compaction prunes its prefixes away is counted again after it.
+
+    The compaction cannot see it (it came after the fold), so right after the
+    swap the prefixes above may miss it: the next charge below them, or the
+    next compaction, counts it in. An undercount for so long: fewer locks,
+    never a wrong one.
+    """
+    site = StoreRig(tmp_path, "STRIKE_EXPIRE=100\n")
+    site.fails(v6(0, 0, 0, 1), 1, now=NOW)  # expired by NOW + 150
+    prune = pruner(site.cfg, NOW + 150)
+
+    def late(records: storemod.Records):  # runs without the writers' lock, after the fold
+        site.fails(v6(0, 0, 0, 2), 1, now=NOW + 150)
+        return prune(records)
+
+    site.store.compact(late)
+    above = policy.above(address_key(v6(0, 0, 0, 2)))
+    assert address_key(v6(0, 0, 0, 2)) in records(site)
+    site.fails(v6(0, 0, 0, 3), 1, now=NOW + 150)  # the next charge below counts its way up
+    got = records(site)
+    assert [got[p].strikes if p in got else 0 for p in above[1:]] == [1] * 3
+    site.store.compact(pruner(site.cfg, NOW + 150))  # and the next compaction counts right
+    got = records(site)
+    assert [got[p].strikes for p in above] == [2, 1, 1, 1]
+
+
+def test_a_prefix_length_too_long_for_int_is_corrupt(site: StoreRig) -> None:
+    bad = [(b"2001:db8::/" + b"5" * 5000, b"1 1 0 %d" % NOW)]
+    with pytest.raises(StoreCorrupt):
+        list(pruner(site.cfg, NOW)(lambda: iter(bad)))
+    assert not policy.aggregate(bad[0][0], site.cfg)  # ostiary-lockout list asks it of each key
+
+
+def test_ipcache_size_counts_the_records_prefixes_included(tmp_path: Path) -> None:
+    """EXIT_ON_IPCACHE_FULL watches the store's records: an IPv6 address brings its prefixes."""
+    site = StoreRig(tmp_path, "EXIT_ON_IPCACHE_FULL\nIPCACHE_SIZE=6\n")
+    assert charge(site.store, address_key("2001:db8::1"), site.cfg, NOW).stopped is None
+    assert charge(site.store, address_key("192.0.2.1"), site.cfg, NOW).stopped is None
+    assert len(records(site)) == 6  # a /64, its /56, /48, /40 and /32, and one IPv4 address
+    stopped = charge(site.store, address_key("192.0.2.2"), site.cfg, NOW).stopped
+    assert stopped == "address table full (6 records, EXIT_ON_IPCACHE_FULL)"

@@ -23,7 +23,7 @@ from kit.wire import SALT_LEN, read_to_eof, response, tcp_pair
 
 from ostiary_ucspi import protocol
 from ostiary_ucspi.policy import STOPPED, Entry
-from ostiary_ucspi.store import Store
+from ostiary_ucspi.store import Store, journal_threshold
 
 VECTOR_SECRET, VECTOR_SALT, VECTOR_RESPONSE = OSTIARY.key, OSTIARY.msg, OSTIARY.digest
 WRONG = b"\x5a" * 32
@@ -306,6 +306,23 @@ def test_the_charge_that_triggers_a_compaction_keeps_its_strike(rig: Rig):
         got, rc = rig.handle(talk_kw={"response_bytes": WRONG})
         assert (len(got), rc) == (SALT_LEN, 0)
         assert rig.entry().strikes == n
+
+
+def test_the_compaction_a_knock_makes_due_runs_after_its_handler_has_exited(rig: Rig):
+    """Not before the salt, and not in the handler: its server slot is free meanwhile."""
+    store = Store(str(rig.db))
+    now = int(time.time())
+    with store.lock() as tx:  # enough records that a compaction takes a while
+        for i in range(30000):
+            tx.put(b"10.9.%d.%d" % (i >> 8, i & 255), b"1 1 0 %d" % now)
+    store.compact()
+    fill_journal(store, journal_threshold(os.path.getsize(rig.db)))
+    gen = store.view().gen
+    got, rc = rig.handle(talk_kw={"response_bytes": WRONG}, remote_ip="10.0.0.1")
+    assert (len(got), rc) == (SALT_LEN, 0)
+    assert store.view().gen == gen  # the handler has exited; its compaction goes on
+    wait_for(lambda: store.view().gen == gen + 1, 30, "the detached compaction")
+    assert rig.entry("10.0.0.1").strikes == 1 and len(store.view().items()) > 30000
 
 
 def test_sigkill_during_state_updates_leaves_a_valid_store_and_every_strike(rig: Rig):

@@ -685,3 +685,45 @@ def test_a_door_index_too_long_is_corrupt(path):
     put(path, **{"!doors": LONG + b" !door:1:10.0.0.1"})
     with pytest.raises(StoreCorrupt, match="does not parse"):
         doors_due(Store(path).view(), NOW)
+
+
+def point_past_the_end(path: str, key: bytes) -> None:
+    """Make the snapshot's hash-table slot for ``key`` point past the file (its header still tiles)."""
+    import struct
+
+    from ostiary_ucspi.cdb import hash_key
+
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    h = hash_key(key)
+    table, slots = struct.unpack_from("<LL", data, 8 * (h & 255))
+    i = (h >> 8) % slots
+    while struct.unpack_from("<LL", data, table + 8 * i)[0] != h:
+        i = (i + 1) % slots
+    struct.pack_into("<LL", data, table + 8 * i, h, len(data) + 100)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("key", [b"!gen", b"!from", b"!count"])
+def test_a_snapshot_record_pointing_past_the_end_is_corrupt(path, key):
+    put(path, a=b"1")
+    assert Store(path).compact() == 1  # snapshot 2 has !gen, !from and !count
+    if key == b"!from":  # !from is read beside a journal one generation behind
+        with open(path + ".journal", "wb") as f:
+            f.write(b"ostiary-journal 1\n")
+    point_past_the_end(path, key)
+    with pytest.raises(StoreCorrupt):
+        Store(path).view().count()
+
+
+def test_setting_a_store_aside_takes_its_stopped_mark_too(path):
+    """reset --force forgets the stopped state: NAME.stopped left alone kept the store corrupt."""
+    put(path, a=b"1")
+    store = Store(path)
+    store.mark()
+    write_at(path, 0, b"garbage")
+    assert path + ".stopped.corrupt" in store.set_aside(".corrupt")
+    put(path, b=b"1")
+    view = store.view()
+    assert view.items() == {b"b": b"1"} and not view.marked

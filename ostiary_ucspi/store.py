@@ -56,7 +56,6 @@ import os
 import stat
 import zlib
 from fcntl import LOCK_EX, LOCK_NB, flock
-from mmap import ACCESS_READ, mmap
 
 from .cdb import HEADER_LEN, CdbError, Reader
 
@@ -65,6 +64,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from types import TracebackType
     from typing import BinaryIO
+
+    from .cdb import Data
 
     Records = Callable[[], Iterator[tuple[bytes, bytes]]]
     Prune = Callable[[Records], Iterable[tuple[bytes, bytes]]]
@@ -79,6 +80,7 @@ MORE = b"+"
 MIN_JOURNAL = 16 * 1024
 MAX_JOURNAL = 128 * 1024
 JOURNAL_SHARE = 16  # the journal may grow to this fraction of the snapshot
+READ_MAX = 256 << 10  # a snapshot up to this size is read, a larger one mapped
 MAX_FILE = 64 << 20  # the largest store file: readers call a larger one corrupt, writers write none
 
 
@@ -388,8 +390,13 @@ class Store:
             path = os.path.join(os.path.dirname(self.path), name)
             raise StoreError(f"unable to read {path}: {e.strerror}") from None
 
-    def _map(self, dfd: int) -> tuple[mmap, tuple[int, int]] | None:
-        """Map the snapshot; return it and its (device, inode), None if it does not exist."""
+    def _map(self, dfd: int) -> "tuple[Data, tuple[int, int]] | None":
+        """Read the snapshot (map it, past READ_MAX bytes); return it and its (device, inode).
+
+        None if it does not exist. A snapshot is never written in place, so
+        what was read stays true. Reading spares a small store's handler
+        the mmap module (a shared library of its own in Debian's python3).
+        """
         opened = self._open(dfd, self.name)
         if opened is None:
             return None
@@ -397,6 +404,10 @@ class Store:
         try:
             if st.st_size < HEADER_LEN:
                 raise StoreCorrupt(f"{self.path}: too short to be a CDB ({st.st_size} bytes)")
+            if st.st_size <= READ_MAX:  # short: the header check calls it corrupt
+                return os.read(fd, st.st_size), (st.st_dev, st.st_ino)
+            from mmap import ACCESS_READ, mmap
+
             return mmap(fd, 0, access=ACCESS_READ), (st.st_dev, st.st_ino)
         except OSError as e:
             raise StoreError(f"unable to read {self.path}: {e.strerror}") from None

@@ -85,3 +85,24 @@ def test_the_handler_imports_no_shim_and_no_operator_tool() -> None:
     ).stdout
     loaded = set(ast.literal_eval(out))
     assert not {m for m in loaded if ".ucspi" in m or ".admin" in m or m.endswith(".client")}
+
+
+def test_a_handler_serving_a_small_store_loads_no_mmap_module(tmp_path: Path) -> None:
+    """Debian's python3 builds mmap as a shared library of its own: a small store reads."""
+    cfg = tmp_path / "ostiary.cfg"
+    cfg.write_text(f'KILL="k"\nACTION="a","/bin/true"\nLOCKOUT_DB={tmp_path}/lockout.cdb\n')
+    code = (
+        "import sys, os; from ostiary_ucspi import handle; "
+        "os.environ['TCPREMOTEIP'] = '192.0.2.1'; "
+        f"handle.main(['ostiary-handle', '-c', {str(cfg)!r}]); "
+        "print('mmap' in sys.modules, file=sys.stderr)"
+    )
+    for run in ("creates the store", "reads it"):
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # the salt
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert done.stderr.splitlines()[-1] == "False", (run, done.stderr)

@@ -727,3 +727,13 @@ def test_setting_a_store_aside_takes_its_stopped_mark_too(path):
     put(path, b=b"1")
     view = store.view()
     assert view.items() == {b"b": b"1"} and not view.marked
+
+
+def test_a_small_snapshot_is_read_a_large_one_mapped(path, monkeypatch):
+    put(path, a=b"1")
+    assert isinstance(Store(path).view().reader.data, bytes)  # no mmap module for a small store
+    monkeypatch.setattr(storemod, "READ_MAX", 0)
+    view = Store(path).view()
+    assert not isinstance(view.reader.data, bytes) and view.get(b"a") == b"1"
+    put(path, b=b"2")
+    assert Store(path).compact() == 2 and Store(path).view().items() == {b"a": b"1", b"b": b"2"}

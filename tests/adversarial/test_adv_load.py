@@ -69,7 +69,7 @@ def play(port: int, kind: str, ip: str, action: str | None) -> bytes:
         return salt + read_to_eof(sock)
 
 
-@pytest.mark.parametrize("kind", ["tcpserver", "ostiary-tcpserver"])
+@pytest.mark.parametrize("kind", ["tcpserver", "ostiary-tcpserver", "ostiary-tcpserver -F"])
 def test_five_hundred_mixed_connections(kind, pytestconfig, tally):
     site = Site()
     site.config(

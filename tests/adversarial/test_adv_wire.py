@@ -33,8 +33,14 @@ BOUND = COMM_TIMEOUT + DELAY + 1  # a handler's whole life, connect to exit
 EXAMPLES = 150
 
 
+@pytest.fixture(scope="module", params=["tcpserver", "ostiary-tcpserver -F"])
+def kind(request) -> str:
+    """Each test runs behind real tcpserver, and behind the shim's forking mode."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def site():
+def site(kind):
     s = Site()
     s.config(COMM_TIMEOUT=str(COMM_TIMEOUT), DELAY=str(DELAY))
     yield s
@@ -42,8 +48,8 @@ def site():
 
 
 @pytest.fixture(scope="module")
-def server(site, tally):
-    with Server(site, tally=tally) as srv:
+def server(site, kind, tally):
+    with Server(site, kind, tally=tally) as srv:
         yield srv
 
 

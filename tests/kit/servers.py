@@ -168,7 +168,10 @@ class TcpServer:
 
 
 class Server:
-    """A listening server (tcpserver or the shim) running a site's handler.
+    """A listening server (tcpserver, the shim, or the shim forking) running a site's handler.
+
+    ``kind``: ``tcpserver``, ``ostiary-tcpserver`` or ``ostiary-tcpserver -F``
+    (its forking mode, the handler imported once).
 
     ``lines`` collects (monotonic time, line) of its stderr: tcpserver's -v lines
     and every handler's log lines. Given a ``tally`` (the adversarial suite's),
@@ -205,8 +208,10 @@ class Server:
             if self.kind == "tcpserver"
             else project_tool("ostiary-tcpserver")
         )
+        fork = ["-F", "ostiary_ucspi.handle"] if self.kind == "ostiary-tcpserver -F" else []
         return [
             prog,
+            *fork,
             "-1",
             "-v",
             "-HRl0",

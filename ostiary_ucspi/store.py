@@ -2,7 +2,7 @@
 
 For ``LOCKOUT_DB=/var/lib/ostiary/lockout.cdb`` the files are::
 
-    lockout.cdb          snapshot, a CDB read with pure-cdb; key "!gen" = generation
+    lockout.cdb          snapshot, a CDB (cdb.py); its own keys !gen, !from, !count
     lockout.cdb.journal  "ostiary-journal GEN\\n", then lines "KEY VALUE CRC32\\n"
     lockout.cdb.lock     flock()ed by every writer, and only by writers
     lockout.cdb.compact  flock()ed by the one compaction at a time
@@ -14,7 +14,7 @@ of zlib, checks the whole journal. The lines of one transaction are written
 with one ``write`` and ``fdatasync`` under the lock; all but its last line
 end in ``+`` ("more follows"), so a transaction whose last line is missing
 was never acknowledged and is ignored as a whole, and so is a line cut
-short. Readers take no lock: they map the snapshot, read and check the
+short. Readers take no lock: they read the snapshot, read and check the
 journal, and search it from the end.
 
 When the journal outgrows a sixteenth of the snapshot (at least 16 KiB, at

@@ -40,10 +40,21 @@ def parse(text: str, v6_prefix: int = 64) -> tuple[str, bytes]:
 
 def prefix_key(packed: bytes, bits: int) -> bytes:
     """Return the store key of the ``bits``-bit prefix holding IPv6 address ``packed``."""
+    return network_keys(int.from_bytes(packed, "big"), (bits,))[0]
+
+
+def network_keys(n: int, levels: "tuple[int, ...] | list[int]") -> list[bytes]:
+    """Return the store keys of the ``levels``-bit prefixes holding IPv6 address number ``n``."""
     from .cpython import AF_INET6, inet_ntop
 
-    n = int.from_bytes(packed, "big") >> (128 - bits) << (128 - bits)
-    return b"%s/%d" % (inet_ntop(AF_INET6, n.to_bytes(16, "big")).encode(), bits)
+    return [
+        b"%s/%d"
+        % (
+            inet_ntop(AF_INET6, (n >> (128 - bits) << (128 - bits)).to_bytes(16, "big")).encode(),
+            bits,
+        )
+        for bits in levels
+    ]
 
 
 def supernets(key: bytes, levels: tuple[int, ...]) -> list[bytes]:
@@ -51,21 +62,10 @@ def supernets(key: bytes, levels: tuple[int, ...]) -> list[bytes]:
 
     Only the levels shorter than the key's own prefix; none for an IPv4 key.
     """
-    text, slash, bits = key.partition(b"/")
-    if not slash:
+    if b"/" not in key:
         return []
-    from .cpython import AF_INET6, inet_ntop, inet_pton
-
-    n = int.from_bytes(inet_pton(AF_INET6, text.decode()), "big")
-    return [
-        b"%s/%d"
-        % (
-            inet_ntop(AF_INET6, (n >> (128 - level) << (128 - level)).to_bytes(16, "big")).encode(),
-            level,
-        )
-        for level in levels
-        if level < int(bits)
-    ]
+    n, bits = prefix_number(key)
+    return network_keys(n, [level for level in levels if level < bits])
 
 
 def prefix_number(key: bytes) -> tuple[int, int]:

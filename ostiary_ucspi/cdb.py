@@ -108,11 +108,11 @@ class Reader:
 
 def write_cdb(
     out: "BinaryIO", records: "Iterable[tuple[bytes, bytes]]", limit: int = MAX_SIZE
-) -> int:
+) -> None:
     """Write ``records`` to seekable ``out`` (same bytes as cdbmake for the same order).
 
     Streams: memory grows by 8 bytes a record, whatever the records' size.
-    Returns the number of records. Raises OSError when the result would
+    Raises OSError when the result would
     pass ``limit`` bytes (at most a cdb's 4 GB); ``out`` is then unusable.
     """
     import sys
@@ -160,4 +160,3 @@ def write_cdb(
         position += 8 * size
     out.seek(0)
     out.write(b"".join(header))
-    return len(hashes)

@@ -31,6 +31,10 @@ from .policy import (
 )
 from .store import Store, StoreCorrupt, StoreError, View
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # a type only: collections.abc is no import of the handler's
+    from collections.abc import Callable
+
 PROG = "ostiary-handle"
 USAGE = "ostiary-handle [-c FILE] [--check] | --help | --version"
 EXITS = {
@@ -207,13 +211,22 @@ def close_due_doors(store: Store, view: View | None, log: logmod.Log, now: int) 
         log(logmod.ERR, f"unable to check for doors to close: {e}")
         return
     from . import doors
-    from .actions import detach
 
     log(logmod.NOTICE, "a door is past its close (its runner is gone): sweeping")
+    background(lambda: doors.sweep(store, log, wait=False), "a sweeper", log)
+
+
+def background(job: "Callable[[], object]", what: str, log: logmod.Log) -> None:
+    """Run ``job`` in a detached child once the client is gone; a failed fork is one line.
+
+    What it would have done is done by a later connection's child.
+    """
+    from .actions import detach
+
     try:
-        detach(lambda: doors.sweep(store, log, wait=False), log)
+        detach(job, log)
     except OSError as e:
-        log(logmod.ERR, f"unable to fork a sweeper, left to the next connection: {e.strerror}")
+        log(logmod.ERR, f"unable to fork {what}, left to a later connection: {e.strerror}")
 
 
 def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
@@ -246,12 +259,7 @@ def serve(cfg: Config, log: logmod.Log, inetd: bool) -> int:
         log(logmod.FATAL, f"{ip} refused: lockout store: {e}")
         return 111
     if store.due:  # the client is gone; a child compacts, so that no server slot waits either
-        from .actions import detach
-
-        try:
-            detach(lambda: compact(store, log), log)
-        except OSError as e:
-            log(logmod.ERR, f"unable to fork a compaction, left to the next writer: {e.strerror}")
+        background(lambda: compact(store, log), "a compaction", log)
     return status
 
 

@@ -111,8 +111,10 @@ def journal_lines(pending: dict[bytes, bytes], crc: int) -> bytes:
     """Return one transaction's journal lines, to follow a journal whose CRC-32 is ``crc``.
 
     Each line's checksum covers the journal from its first byte to that
-    checksum; all lines but the last end in ``+``.
+    checksum; all lines but the last end in ``+``. No records, no lines.
     """
+    if not pending:
+        return b""
     lines = []
     for key, value in pending.items():
         head = key + b" " + value + b" "
@@ -591,12 +593,8 @@ class Store:
                         return None
                     install(dfd, tmp, self.path)
                     tmp = ""
-                    tail = dict(Journal(now.data, self.journal, fold).records())
-                    head = MAGIC + b"%d\n" % (view.gen + 1)
-                    tx._write_journal(
-                        head + (journal_lines(tail, zlib.crc32(head)) if tail else b"")
-                    )
-                    tx.view = self._view(dfd)
+                    tx.view = self._view(dfd)  # snapshot N+1, journal N from the fold on
+                    tx.settle()  # journal N+1: what was appended past the fold
             finally:
                 if tmp:
                     unlink_quietly(dfd, tmp)
@@ -820,7 +818,7 @@ class Transaction:
             not key
             or b" " in key
             or b"\n" in key
-            or key == GEN_KEY
+            or key in SNAPSHOT_KEYS
             or (value is not None and (b"\n" in value or value == DELETED))
         ):
             raise ValueError("store keys are one word; values are one line, not '-'")
@@ -892,11 +890,11 @@ class Transaction:
         journal = view.journal
         if journal is not None and journal.gen == view.gen:
             head = journal.data[: journal.end]
-            return head + (journal_lines(pending, zlib.crc32(head)) if pending else b"")
+            return head + journal_lines(pending, zlib.crc32(head))
         head = MAGIC + b"%d\n" % view.gen
         records = {} if journal is None else dict(journal.records())
         records.update(pending)
-        return head + (journal_lines(records, zlib.crc32(head)) if records else b"")
+        return head + journal_lines(records, zlib.crc32(head))
 
     def sync(self) -> None:
         """fdatasync the journal: what unsynced appends (refunds) wrote is on disk after."""

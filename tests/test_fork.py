@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from conftest import project_tool
 from kit.procs import wait_for
 from kit.site import KILL, OPEN, Rig
@@ -69,8 +70,17 @@ def shim(
         proc.wait(10)
 
 
-def recorded(tmp_path: Path, fork: bool, preexec: Callable[[], None] = clean_signals) -> dict:
-    """What the recorder saw of one connection, started by exec or by -F."""
+def recorded(
+    tmp_path: Path,
+    fork: bool,
+    preexec: Callable[[], None] = clean_signals,
+    lookups: str = "-Hrl0",
+) -> dict:
+    """What the recorder saw of one connection, started by exec or by -F.
+
+    ``lookups``: -F with ``-HRl0`` has the parent prepare the connection, with
+    ``-Hrl0`` (an ident look-up) the child does it all.
+    """
     (tmp_path / "recorder.py").write_text(RECORDER)
     script = tmp_path / "recorder"
     script.write_text(f"#!{sys.executable}\n" + RECORDER)
@@ -82,10 +92,11 @@ def recorded(tmp_path: Path, fork: bool, preexec: Callable[[], None] = clean_sig
         "PYTHONPATH": str(tmp_path),
         "ODD": "a b\tc",
         "LC_ALL": "C.UTF-8",
+        "TCPREMOTEHOST": "left over",  # -H: the program must not see it
     }
     # -r (ident, refused at once on loopback) keeps the exec'd program off the posix_spawn
     # path, whose glibc leaves its internal signals 32 and 33 ignored in the program.
-    flags = ["-Hrl0", "-t1", "-x", str(rules(tmp_path))] + (["-F", "recorder"] if fork else [])
+    flags = [lookups, "-t1", "-x", str(rules(tmp_path))] + (["-F", "recorder"] if fork else [])
     with shim(
         *flags,
         "127.0.0.1",
@@ -114,20 +125,22 @@ def rules(tmp_path: Path) -> Path:
     return cdb
 
 
-def test_the_forked_child_gets_what_the_exec_d_program_gets(tmp_path: Path) -> None:
-    by_exec, by_fork = recorded(tmp_path, False), recorded(tmp_path, True)
+@pytest.mark.parametrize("lookups", ["-Hrl0", "-HRl0"], ids=["child-prepares", "parent-prepares"])
+def test_the_forked_child_gets_what_the_exec_d_program_gets(tmp_path: Path, lookups: str) -> None:
+    by_exec, by_fork = recorded(tmp_path, False), recorded(tmp_path, True, lookups=lookups)
     for seen in (by_exec, by_fork):
         for name in ("TCPREMOTEPORT", "TCPLOCALPORT"):  # two servers, two connections
             seen["env"].pop(name)
     assert by_fork == by_exec
     assert by_fork["env"]["RULEVAR"] == "from the rules" and by_fork["env"]["ODD"] == "a b\tc"
-    assert by_fork["argv"] == ["extra arg"]
+    assert by_fork["argv"] == ["extra arg"] and "TCPREMOTEHOST" not in by_fork["env"]
     assert by_fork["kinds"]["0"] == by_fork["kinds"]["1"] == "socket"
     assert int(by_fork["sigblk"], 16) == 0
 
 
-def test_the_listening_socket_is_not_inherited(tmp_path: Path) -> None:
-    seen = recorded(tmp_path, True)
+@pytest.mark.parametrize("lookups", ["-Hrl0", "-HRl0"], ids=["child-prepares", "parent-prepares"])
+def test_the_listening_socket_is_not_inherited(tmp_path: Path, lookups: str) -> None:
+    seen = recorded(tmp_path, True, lookups=lookups)
     assert seen["fds"][:3] == [0, 1, 2] and len(seen["fds"]) == 4  # the listdir's own
     ignored = {n + 1 for n in range(64) if int(seen["sigign"], 16) >> n & 1}
     assert ignored == {signal.SIGPIPE, signal.SIGXFSZ}  # as a starting Python sets them
@@ -142,10 +155,47 @@ def test_a_server_started_with_signals_ignored_and_blocked_passes_on_neither(
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR2, signal.SIGWINCH))
 
-    seen = recorded(tmp_path, True, nohup_and_block)
+    seen = recorded(tmp_path, True, nohup_and_block, lookups="-HRl0")
     ignored = {n + 1 for n in range(64) if int(seen["sigign"], 16) >> n & 1}
     assert ignored == {signal.SIGPIPE, signal.SIGXFSZ}
     assert int(seen["sigblk"], 16) == 0
+
+
+def test_a_connection_the_rules_deny_is_logged_by_its_child_under_f(tmp_path: Path) -> None:
+    """-F -HRl0: a denied connection is left to the child, which logs and exits as tcpserver's."""
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    cdb = tmp_path / "rules.cdb"
+    subprocess.run(
+        [project_tool("ostiary-tcprules"), str(cdb), str(tmp_path / "rules.tmp")],
+        input=b"127.0.0.7:deny\n:allow\n",
+        check=True,
+    )
+    out, log = tmp_path / "seen.json", tmp_path / "log"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
+    with shim(
+        "-v",
+        "-HRl0",
+        "-x",
+        str(cdb),
+        "-F",
+        "recorder",
+        "127.0.0.1",
+        "0",
+        "recorder",
+        str(out),
+        env=env,
+        log=log,
+    ) as port:
+        assert knock(port, source="127.0.0.7") == b""
+        wait_for(lambda: "status 25600" in log.read_text(), 10, "the denied child's end")
+        knock(port, source="127.0.0.8")
+        wait_for(out.exists, 10, "the allowed connection's recorder")
+    lines = log.read_text().splitlines()
+    denied = [line for line in lines if line.startswith("tcpserver: deny ")]
+    assert len(denied) == 1 and ":127.0.0.7::" in denied[0]
+    allowed = [line for line in lines if line.startswith("tcpserver: ok ")]
+    assert len(allowed) == 1 and ":127.0.0.8::" in allowed[0]
+    assert not out.read_text().count("127.0.0.7")
 
 
 def test_an_unimportable_module_is_fatal(tmp_path: Path) -> None:

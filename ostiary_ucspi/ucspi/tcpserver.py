@@ -25,7 +25,10 @@ child that, with exactly what ``program`` would have had (descriptors 0 and
 dispositions of a freshly started Python and none blocked), calls
 ``module.main([program, arg ...])``
 instead of exec'ing ``program``; its return value is the child's exit status.
-Modules the module names in ``PRELOAD`` are imported once too. No exec and no
+Modules the module names in ``PRELOAD`` are imported once too. With nothing
+to look up (``-HRl0``) the parent reads the rules and builds an allowed
+connection's environment before it forks, so that the child copies fewer of
+its pages; a denied connection is left to the child, as without -F. No exec and no
 interpreter start per connection, at the price of isolation: every child is a
 copy of the server's memory (see SECURITY.md).
 
@@ -431,13 +434,15 @@ class Server:
         self.candidates = exec_candidates(program[0], self.env)
         self.running = 0
         self.verbose = opts.verbosity >= 2
-        self.spawn = (
+        quick = (  # nothing to look up or send: the parent can do a connection's work itself
             opts.localhost is not None
             and not opts.remotehost
             and not opts.remoteinfo
             and not opts.banner
-            and entry is None
         )
+        self.spawn = quick and entry is None
+        self.early = quick and entry is not None
+        self.resets: list[int] = []  # -F: the signals a child puts back to their default
         self.rules = None
         if opts.rules is not None:
             from . import rules
@@ -481,6 +486,8 @@ class Server:
         wake_only.register(wake_r, select.POLLIN)
         accept = self.sock._accept
         limit = self.opts.limit
+        if self.entry is not None:  # as the children will inherit them, set once and for all
+            self.resets = not_default_signals()
         self.status()
         while True:
             for fd, _event in (both if self.running < limit else wake_only).poll():
@@ -519,7 +526,13 @@ class Server:
             self.status()
 
     def fork(self, fd: int, peer: tuple) -> None:
-        """Hand the connection to a child that does all of tcpserver's work."""
+        """Hand the connection to a child that does all of tcpserver's work.
+
+        With -F and nothing to look up, the parent first prepares an allowed
+        connection itself (see :meth:`ready`): what a child does is then only
+        what it must, and it copies fewer of the parent's pages.
+        """
+        ready = self.ready(fd, peer) if self.early else None
         try:
             pid = os.fork()
         except OSError as e:
@@ -531,7 +544,7 @@ class Server:
             return
         code = 111
         try:
-            code = self.child(fd, peer)
+            code = self.child(fd, peer, ready)
         except Exception as e:  # never back into the accept loop
             self.say(f"{DROP}internal error: {type(e).__name__}: {e}")
         finally:
@@ -575,25 +588,48 @@ class Server:
             return True
         return False
 
-    def child(self, fd: int, peer: tuple) -> int:
+    def ready(self, fd: int, peer: tuple) -> tuple[Changes, tuple] | None:
+        """-F, in the parent: an allowed connection's environment changes and log fields.
+
+        None, having changed nothing the child would see, when the connection
+        is denied or something fails: the child then does it all again and
+        logs it as tcpserver does.
+        """
+        try:
+            conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            try:
+                values, deny, fields = self.prepare(conn, peer)
+            finally:
+                conn.detach()
+        except Exception:  # Drop, or anything unexpected: the child reports it
+            return None
+        return None if deny else (environment_changes(self.environment(values)), fields)
+
+    def child(self, fd: int, peer: tuple, ready: tuple[Changes, tuple] | None = None) -> int:
         """In a forked child: tcpserver's per-connection work, then exec.
 
+        ``ready``: what :meth:`ready` found in the parent, so not done again.
         Returns the exit code when the connection is denied (100) or dropped (111).
         """
         self.sock.close()
         pid = os.getpid()
         if self.verbose:
             self.say(f"tcpserver: pid {pid} from {split_address(peer, self.family)[0]}")
-        conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-        try:
-            values, deny, fields = self.prepare(conn, peer)
-        except Drop as e:
-            self.say(f"{DROP}{e}")
-            return 111
-        self.verdict(pid, deny, fields)
-        if deny:
-            return 100
-        env = self.environment(values)
+        if ready is None:
+            conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            try:
+                values, deny, fields = self.prepare(conn, peer)
+            except Drop as e:
+                self.say(f"{DROP}{e}")
+                return 111
+            self.verdict(pid, deny, fields)
+            if deny:
+                return 100
+            env = self.environment(values)
+            changes = environment_changes(env) if self.entry is not None else ([], [])
+        else:
+            changes, fields = ready
+            self.verdict(pid, False, fields)
         try:
             os.dup2(fd, 0)
             os.dup2(fd, 1)  # fd itself is close-on-exec
@@ -601,7 +637,7 @@ class Server:
             self.say(f"{DROP}unable to set up descriptors: {error_text(e)}")
             return 111
         if self.entry is not None:
-            return self.call(env)
+            return self.call(changes)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         saved: OSError | None = None
@@ -618,10 +654,10 @@ class Server:
         self.say(f"{DROP}unable to run {self.program[0]}: {error_text(saved or last)}")
         return 111
 
-    def call(self, env: dict[bytes, bytes]) -> int:
+    def call(self, changes: Changes) -> int:
         """-F, in the child: become what exec'ing ``program`` would have made, then run it.
 
-        Descriptors 0, 1 and 2 only, ``env`` and nothing else, no signal
+        Descriptors 0, 1 and 2 only, the environment ``changes`` make and nothing else, no signal
         blocked and every one at its default but those a starting Python sets
         (SIGPIPE and SIGXFSZ ignored, SIGINT KeyboardInterrupt): what a Python
         program exec'd by a server started cleanly would have. Returns
@@ -629,7 +665,7 @@ class Server:
         """
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the listening socket, the wake-up pipe
         signal.set_wakeup_fd(-1)
-        for sig in not_default_signals():
+        for sig in self.resets:
             try:
                 signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError):  # SIGKILL, SIGSTOP, the C library's own
@@ -638,12 +674,12 @@ class Server:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        environ = os.environb  # becomes ``env``: only what differs is set or unset
-        for name in [name for name in environ if name not in env]:
+        unset, changed = changes
+        environ = os.environb
+        for name in unset:
             del environ[name]
-        for name, value in env.items():
-            if environ.get(name) != value:
-                environ[name] = value
+        for name, value in changed:
+            environ[name] = value
         sys.argv = list(self.program)
         status = self.entry(list(self.program))  # type: ignore[misc]
         sys.stdout.flush()
@@ -744,6 +780,16 @@ class Server:
             else:
                 env[name] = value
         return env
+
+
+Changes = tuple[list[bytes], list[tuple[bytes, bytes]]]
+
+
+def environment_changes(env: dict[bytes, bytes]) -> Changes:
+    """What makes this process's environment ``env``: the names to unset, those to set."""
+    environ = os.environb
+    unset = [name for name in environ if name not in env]
+    return unset, [(name, value) for name, value in env.items() if environ.get(name) != value]
 
 
 def not_default_signals() -> list[int]:

@@ -1,6 +1,7 @@
 """ostiary_ucspi.cdb: the reader agrees with pure-cdb on what cdbmake's layout holds."""
 
 import io
+import struct
 
 import cdblib
 import pytest
@@ -54,3 +55,22 @@ def test_a_table_pointing_past_the_end_is_an_error_not_a_crash() -> None:
     data[slot + 4 : slot + 8] = (len(data) - 2).to_bytes(4, "little")  # record position: the end
     with pytest.raises(cdb.CdbError):
         cdb.Reader(bytes(data)).get(b"key")
+
+
+@pytest.mark.parametrize("little", [True, False], ids=["cast", "portable"])
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(min_size=0, max_size=80), start=st.integers(0, 80), count=st.integers(1, 20))
+def test_words_are_little_endian_32_bit_numbers_either_way(
+    little: bool, data: bytes, start: int, count: int
+) -> None:
+    """What the reader reads instead of struct, with the cast on a little-endian machine or not."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cdb, "LITTLE", little)
+        if start + 4 * count > len(data):
+            with pytest.raises(cdb.CdbError):
+                cdb.words(data, start, count)
+        else:
+            assert cdb.words(data, start, count) == list(
+                struct.unpack_from(f"<{count}L", data, start)
+            )
+    assert cdb.pair(7, 0xFFFFFFFF) == struct.pack("<LL", 7, 0xFFFFFFFF)

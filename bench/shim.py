@@ -26,6 +26,7 @@ of the medians. Goal with ``handle``: ratio >= 0.9.
 after their salt and reads each live child's private memory (USS:
 Private_Clean + Private_Dirty of /proc/PID/smaps_rollup), for both servers.
 Goals: conn/s ratio >= 10, CPU per connection ratio <= 0.1, USS <= 1 MiB.
+It refuses an editable install, whose exec'd handler starts with ``site``.
 The servers' log (LOG_INFO, as shipped) goes to a file, as multilog's would.
 ``--fork --floor`` forks, instead of the handler, a module whose main only
 sends 32 random bytes and reads 32 (the least any -F handler does): the
@@ -72,6 +73,20 @@ def tool(name: str) -> str:
     if found is None:
         raise SystemExit(f"bench: {name} not found (pip install -e .; apt-get install ucspi-tcp)")
     return found
+
+
+def installed() -> bool:
+    """Whether ostiary_ucspi is installed in this interpreter's site-packages (not editable).
+
+    An editable install's exec'd handler falls back to ``site`` (see
+    bin/ostiary-handle): the exec'd side would be slower than a user's.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("ostiary_ucspi")
+    origin = os.path.realpath(spec.origin) if spec and spec.origin else ""
+    places = {os.path.realpath(sysconfig.get_path(n)) for n in ("purelib", "platlib")}
+    return any(origin.startswith(place + os.sep) for place in places)
 
 
 def handle_config(work: str) -> str:
@@ -247,6 +262,11 @@ def main() -> int:
         ap.error("--fork runs ostiary-handle only")
     if args.floor and not args.fork:
         ap.error("--floor needs --fork")
+    if args.fork and not installed():
+        raise SystemExit(
+            "bench: --fork compares with the exec'd handler, which an editable install starts"
+            " slowly (site): run it from a venv with a plain 'pip install .'"
+        )
     concurrency = args.concurrency or args.limit
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work:  # runners may linger
         respond = False

@@ -37,7 +37,7 @@ def base():
 AS_USER = """
 import os, sys, importlib
 module = importlib.import_module(sys.argv[1])
-import ostiary_ucspi.check, grp, pwd, select, array, mmap  # what the store loads when it needs
+import ostiary_ucspi.check, grp, pwd, select, array, mmap, cdblib  # what the store loads when it needs
 pw = pwd.getpwnam(sys.argv[2])
 os.setgroups([]); os.setgid(pw.pw_gid); os.setuid(pw.pw_uid)
 sys.argv = sys.argv[3:]

@@ -529,10 +529,11 @@ class Server:
         """Hand the connection to a child that does all of tcpserver's work.
 
         With -F and nothing to look up, the parent first prepares an allowed
-        connection itself (see :meth:`ready`): what a child does is then only
+        connection itself (see :meth:`allowed`): what a child does is then only
         what it must, and it copies fewer of the parent's pages.
         """
-        ready = self.ready(fd, peer) if self.early else None
+        found = self.allowed(fd, peer) if self.early else None
+        ready = None if found is None else (environment_changes(found[0]), found[1])
         try:
             pid = os.fork()
         except OSError as e:
@@ -553,21 +554,12 @@ class Server:
     def started(self, fd: int, peer: tuple) -> bool:
         """Fast path, in the parent: start an allowed connection's program.
 
-        Returns False, having changed nothing the child would see, when the
-        connection is denied or something fails: the forked child then does
-        it all again and logs it as tcpserver does.
+        Returns False when :meth:`allowed` found none, or no spawn worked.
         """
-        try:
-            conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-            try:
-                values, deny, fields = self.prepare(conn, peer)
-            finally:
-                conn.detach()
-        except Exception:  # Drop, or anything unexpected: the child reports it
+        found = self.allowed(fd, peer)
+        if found is None:
             return False
-        if deny:
-            return False
-        env = self.environment(values)
+        env, fields = found
         actions = [(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)]
         for path in self.candidates:
             if len(self.candidates) > 1 and not os.path.exists(path):
@@ -588,12 +580,12 @@ class Server:
             return True
         return False
 
-    def ready(self, fd: int, peer: tuple) -> tuple[Changes, tuple] | None:
-        """-F, in the parent: an allowed connection's environment changes and log fields.
+    def allowed(self, fd: int, peer: tuple) -> tuple[dict[bytes, bytes], tuple] | None:
+        """In the parent: an allowed connection's environment and log fields.
 
         None, having changed nothing the child would see, when the connection
-        is denied or something fails: the child then does it all again and
-        logs it as tcpserver does.
+        is denied or something fails: a forked child then does it all again
+        and logs it as tcpserver does.
         """
         try:
             conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
@@ -603,12 +595,13 @@ class Server:
                 conn.detach()
         except Exception:  # Drop, or anything unexpected: the child reports it
             return None
-        return None if deny else (environment_changes(self.environment(values)), fields)
+        return None if deny else (self.environment(values), fields)
 
     def child(self, fd: int, peer: tuple, ready: tuple[Changes, tuple] | None = None) -> int:
         """In a forked child: tcpserver's per-connection work, then exec.
 
-        ``ready``: what :meth:`ready` found in the parent, so not done again.
+        ``ready``: the environment changes and log fields the parent found
+        (:meth:`allowed`), so not found again.
         Returns the exit code when the connection is denied (100) or dropped (111).
         """
         self.sock.close()

@@ -99,8 +99,12 @@ def test_an_installed_handler_starts_fast_and_serves(
         pip_install(BASE_PYTHON, "--user", str(wheel), env={**os.environ, **env})
         handler = tmp_path / "home" / ".local" / "bin" / "ostiary-handle"
     else:  # a system-style install under a prefix (/usr/local, say)
-        pip_install(BASE_PYTHON, "--prefix", str(tmp_path / "usr" / "local"), str(wheel))
-        handler = tmp_path / "usr" / "local" / "bin" / "ostiary-handle"
+        prefix = tmp_path / "usr" / "local"
+        pip_install(BASE_PYTHON, "--prefix", str(prefix), str(wheel))
+        # Debian's python3 run outside a venv puts --prefix P under P/local (its
+        # posix_local scheme); the fast start looks next to the script either way.
+        places = [prefix / "bin", prefix / "local" / "bin"]
+        handler = next(p / "ostiary-handle" for p in places if (p / "ostiary-handle").exists())
     cfg = config(tmp_path)
     got, site = serve_once(str(handler), cfg, env, fast=True)
     assert len(got) == 32

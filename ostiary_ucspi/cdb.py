@@ -48,7 +48,7 @@ def pair(a: int, b: int) -> bytes:
     return a.to_bytes(4, "little") + b.to_bytes(4, "little")
 
 
-def check_header(data: "Data") -> tuple[int, ...]:
+def check_header(data: "Data") -> list[int]:
     """Check that the 256 hash tables tile the end of ``data``, as cdbmake lays them out.
 
     Returns the header: 256 (position, slots) pairs, flattened. Raises
@@ -58,10 +58,10 @@ def check_header(data: "Data") -> tuple[int, ...]:
     size = len(data)
     if size < HEADER_LEN:
         raise CdbError(f"too short to be a CDB ({size} bytes)")
-    header = tuple(words(data, 0, HEADER_LEN // 4))
+    header = words(data, 0, HEADER_LEN // 4)
     starts = header[0::2]
     ends = [start + 8 * slots for start, slots in zip(starts, header[1::2], strict=True)]
-    if starts[0] < HEADER_LEN or list(starts[1:]) != ends[:-1]:
+    if starts[0] < HEADER_LEN or starts[1:] != ends[:-1]:
         raise CdbError("bad CDB header")
     if ends[-1] != size:
         raise CdbError("CDB size does not match its header")
@@ -134,12 +134,12 @@ def write_cdb(
     position = HEADER_LEN
     hashes, positions = array("I"), array("I")  # 32 bits each, as in the file
     for key, value in records:
+        positions.append(position)
         position += 8 + len(key) + len(value)
-        if position + 16 * (len(hashes) + 1) > limit:  # the tables hold 2 slots a record
+        if position + 16 * len(positions) > limit:  # the tables hold 2 slots a record
             raise OSError(f"the CDB would pass the limit of {limit} bytes")
         out.write(pair(len(key), len(value)) + key + value)
         hashes.append(djb_hash(key))
-        positions.append(position - 8 - len(key) - len(value))
     counts = [0] * 256
     for h in hashes:
         counts[h & 255] += 1

@@ -33,7 +33,7 @@ from . import log as logmod
 from .policy import DOOR_PREFIX as PREFIX
 from .policy import DOORS as INDEX
 from .policy import parse_doors as parse_index
-from .store import Store, StoreCorrupt, Transaction, View
+from .store import Store, StoreCorrupt, Transaction, View, numeric
 
 BACKOFF = (10, 60, 300, 1800)  # seconds before each retry of a failed undo
 MAX_ATTEMPTS = len(BACKOFF) + 1
@@ -50,7 +50,7 @@ class Door:
         numbers = parts[:3] + parts[4:7]
         if (
             len(parts) != 8
-            or not all(0 < len(p) <= 18 and p.isdigit() for p in numbers)
+            or not all(map(numeric, numbers))
             or parts[3] not in STATES
             or not parts[7].startswith(b"/")
         ):

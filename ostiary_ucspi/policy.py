@@ -22,7 +22,7 @@ A lock is never dropped to make room.
 """
 
 from .address import prefix_number, supernets
-from .store import Store, StoreCorrupt, Transaction, View, number
+from .store import Store, StoreCorrupt, Transaction, View, number, numeric
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # a type only: the handler has imported config already
@@ -53,11 +53,7 @@ class Entry:
             self.strikes = self.errors = self.locked_since = self.last_seen = 0
             return
         parts = raw.split(b" ")
-        if (
-            len(parts) != 4
-            or not all(0 < len(p) <= 18 for p in parts)
-            or not raw.replace(b" ", b"").isdigit()
-        ):
+        if len(parts) != 4 or not all(map(numeric, parts)):
             raise StoreCorrupt(f"lockout record does not parse: {raw[:60]!r}")
         self.strikes, self.errors, self.locked_since, self.last_seen = map(int, parts)
 

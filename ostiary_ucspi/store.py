@@ -92,9 +92,14 @@ class StoreCorrupt(StoreError):
     """A store file does not parse: fail closed."""
 
 
+def numeric(raw: bytes) -> bool:
+    """True for a number of a store file: 1 to 18 decimal digits (int() refuses over 4,300)."""
+    return 0 < len(raw) <= 18 and raw.isdigit()
+
+
 def number(raw: bytes, what: str) -> int:
-    """Return the decimal number ``raw`` of a store record (1 to 18 digits); else StoreCorrupt."""
-    if not (0 < len(raw) <= 18 and raw.isdigit()):
+    """Return the decimal number ``raw`` of a store record; StoreCorrupt unless :func:`numeric`."""
+    if not numeric(raw):
         raise StoreCorrupt(f"{what} does not parse: {raw[:60]!r}")
     return int(raw)
 
@@ -137,7 +142,7 @@ class Journal:
     def __init__(self, data: bytes, name: str, start: int = 0) -> None:
         head_end = data.find(b"\n")
         gen = data[len(MAGIC) : head_end]
-        if not data.startswith(MAGIC) or head_end < 0 or not gen.isdigit() or len(gen) > 18:
+        if not data.startswith(MAGIC) or head_end < 0 or not numeric(gen):
             raise StoreCorrupt(f"{name}: bad journal header")
         end = data.rfind(b"\n") + 1
         while end > head_end + 1 and data[end - 2 : end - 1] == MORE:
@@ -213,9 +218,13 @@ class View:
         """Return every live key and value (the snapshot with the journal folded in)."""
         return dict(self.records())
 
+    def changes(self) -> dict[bytes, bytes]:
+        """Return what the journal holds over the snapshot: each key's newest value."""
+        return {} if self.journal is None else dict(self.journal.records())
+
     def records(self) -> "Iterator[tuple[bytes, bytes]]":
         """Yield every live key and value, the snapshot's first, holding only the journal's."""
-        changed = {} if self.journal is None else dict(self.journal.records())
+        changed = self.changes()
         try:
             for key, value in self.reader.items():
                 if key not in changed and key not in SNAPSHOT_KEYS:
@@ -240,7 +249,7 @@ class View:
         if raw is None:  # a snapshot of 0.2.0: count them
             return sum(1 for k, _ in self.records() if not k.startswith(b"!"))
         n = number(raw, f"{self.path}: its !count record")
-        for key, value in ({} if self.journal is None else dict(self.journal.records())).items():
+        for key, value in self.changes().items():
             if not key.startswith(b"!"):
                 before = lookup(self.reader, key, self.path) is not None
                 n += (value != DELETED) - before
@@ -846,11 +855,17 @@ class Transaction:
         finally:
             self._release()
 
+    def _appendable(self) -> Journal | None:
+        """The view's journal if writers may append to it: this generation's, not torn."""
+        journal = self.v.journal
+        ok = journal is not None and not journal.torn and journal.gen == self.v.gen
+        return journal if ok else None
+
     def _append(self) -> None:
         view = self.v
         jpath = self.store.journal
-        journal = view.journal
-        if journal is not None and not journal.torn and journal.gen == view.gen:
+        journal = self._appendable()
+        if journal is not None:
             lines = journal_lines(self.pending, journal.crc)
             if journal.end + len(lines) > MAX_FILE:
                 raise StoreError(f"{jpath}: full ({journal.end} bytes): compact the store")
@@ -892,7 +907,7 @@ class Transaction:
             head = journal.data[: journal.end]
             return head + journal_lines(pending, zlib.crc32(head))
         head = MAGIC + b"%d\n" % view.gen
-        records = {} if journal is None else dict(journal.records())
+        records = view.changes()
         records.update(pending)
         return head + journal_lines(records, zlib.crc32(head))
 
@@ -909,8 +924,7 @@ class Transaction:
 
     def settle(self) -> None:
         """Rewrite a journal that is missing, behind or torn, so writers may append to it."""
-        journal = self.v.journal
-        if journal is None or journal.torn or journal.gen != self.v.gen:
+        if self._appendable() is None:
             self._write_journal(self._settled({}))
             self.view = self.store._view(self.dfd)
 

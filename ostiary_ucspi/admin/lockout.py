@@ -339,13 +339,13 @@ def cmd_revive(store: Store, cfg: Config) -> None:
 
 
 def cmd_prune(store: Store) -> None:
-    if store.view() is None:
+    before = store.view()
+    if before is None:
         print("the store is empty: nothing to prune")
         return
-    before = store.view()
     store.compact()
     after = store.view()
-    if before is None or after is None:
+    if after is None:
         raise StoreError("the store vanished while it was pruned")
     kept = after.count()
     print(f"pruned: {before.count() - kept} expired records dropped, {kept} kept")
